@@ -1,0 +1,16 @@
+//! ksmvm: a KSM-aware microVM monitor.
+//!
+//! The crate is split the way rust-vmm's vmm-reference and Firecracker split
+//! theirs: `arch` holds x86-64 boot setup, `memory` the guest RAM, `vcpu` the
+//! vCPU threads, `devices` the emulated hardware, `vm`/`builder` assemble a VM
+//! from a validated `config`, and `stats`, `ksm` and `api` serve the hoster.
+
+pub mod arch;
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod logger;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
