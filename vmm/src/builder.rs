@@ -1,1 +1,207 @@
-//! TODO
+//! Assembles a VM from a validated configuration: KVM VM with in-kernel
+//! irqchip and PIT, guest RAM (MADV_MERGEABLE before any vCPU runs), the
+//! kernel, initrd, command line, zero page and MP table, the legacy devices,
+//! and configured vCPUs.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot::{self, BootError};
+use crate::arch::x86_64::e820_map;
+use crate::arch::x86_64::layout::{self, IRQ_I8042, IRQ_SERIAL, MMIO_GAP_START};
+use crate::arch::x86_64::mptable::{self, MpTableError, MAX_CPUS};
+use crate::config::{ConfigError, SerialSink, VmConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{SerialDevice, SerialOut};
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{Vcpu, VcpuError, VmControl};
+use crate::vm::Vm;
+
+const SERIAL_PORT: u64 = 0x3f8;
+const I8042_PORT: u64 = 0x60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open it? root or the kvm group is needed)")]
+    KvmOpen(kvm_ioctls::Error),
+    #[error("KVM: {op} failed: {source}")]
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot open serial output {path}: {source}")]
+    SerialFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("device bus: {0}")]
+    Bus(#[from] BusError),
+}
+
+impl BuildError {
+    /// Exit status: 2 for bad input the user can fix, 1 for host failures.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BuildError::KvmOpen(_) | BuildError::Config(_) | BuildError::SerialFile { .. } => 2,
+            BuildError::Boot(e) => match e {
+                BootError::ZeroPage(_)
+                | BootError::CmdlineLoad(_)
+                | BootError::InitrdRead { .. } => 1,
+                _ => 2,
+            },
+            BuildError::MpTable(MpTableError::TooManyCpus(_)) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Kvm { op, source }
+}
+
+fn eventfd() -> Result<EventFd, BuildError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)
+}
+
+fn serial_out(sink: &SerialSink) -> Result<SerialOut, BuildError> {
+    Ok(match sink {
+        // Unbuffered: each guest byte reaches the host as soon as it is written.
+        SerialSink::Stdout => Box::new(std::fs::File::from(
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| BuildError::SerialFile {
+                    path: "stdout".into(),
+                    source,
+                })?,
+        )),
+        SerialSink::None => Box::new(std::io::sink()),
+        SerialSink::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+/// The largest vCPU count this host's KVM and our MP table allow.
+pub fn max_vcpus(kvm: &Kvm) -> u32 {
+    (kvm.get_max_vcpus() as u32).min(MAX_CPUS)
+}
+
+/// Builds a VM ready to run.
+pub fn build(config: VmConfig) -> Result<Vm, BuildError> {
+    let kvm = Kvm::new().map_err(BuildError::KvmOpen)?;
+    config.validate(max_vcpus(&kvm))?;
+    if !kvm.check_extension(Cap::Irqchip) {
+        return Err(BuildError::Kvm {
+            op: "KVM_CAP_IRQCHIP check",
+            source: kvm_ioctls::Error::new(libc::ENOTSUP),
+        });
+    }
+
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+    let mem_bytes = config.mem_bytes();
+    let mem = memory::create(mem_bytes)?;
+    if config.ksm {
+        // Before any vCPU runs, so every page the guest ever touches is a candidate.
+        memory::set_mergeable(&mem, true)?;
+    }
+    memory::register(&vm, &mem)?;
+
+    let low_mem_end = mem_bytes.min(MMIO_GAP_START);
+    let kernel = boot::load_kernel(&mem, &config.kernel, low_mem_end)?;
+    let initrd = match &config.initrd {
+        Some(p) => Some(boot::load_initrd(&mem, p, &kernel, low_mem_end)?),
+        None => None,
+    };
+    let cmdline = config.cmdline().to_owned();
+    boot::load_command_line(&mem, &cmdline, &kernel)?;
+    let e820 = e820_map(mem_bytes);
+    boot::setup_zero_page(&mem, &kernel, cmdline.len(), initrd, &e820)?;
+    mptable::setup(&mem, config.vcpus)?;
+    log::info!("kernel entry {:#x}, cmdline: {cmdline}", kernel.entry);
+    for e in &e820 {
+        log::info!("e820 addr={:#x} size={:#x} type={}", e.addr, e.size, e.kind);
+    }
+
+    let serial_irq = eventfd()?;
+    vm.register_irqfd(&serial_irq, IRQ_SERIAL)
+        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        serial_out(&config.serial)?,
+    )));
+    let kbd_irq = eventfd()?;
+    vm.register_irqfd(&kbd_irq, IRQ_I8042)
+        .map_err(kvm_err("KVM_IRQFD (i8042)"))?;
+    let reset_evt = eventfd()?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        reset_evt.try_clone().map_err(BuildError::EventFd)?,
+        kbd_irq,
+    )));
+
+    let mut io_bus = Bus::new();
+    io_bus.insert(serial.clone(), SERIAL_PORT, 8)?;
+    io_bus.insert(i8042.clone(), I8042_PORT, 5)?;
+    let io_bus = Arc::new(io_bus);
+    let mmio_bus = Arc::new(Bus::new());
+
+    let base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        let vcpu = Vcpu::new(&vm, index, mem.clone(), io_bus.clone(), mmio_bus.clone())?;
+        vcpu.configure(&base_cpuid, config.vcpus, kernel.entry)?;
+        vcpus.push(vcpu);
+    }
+
+    let control = VmControl::new().map_err(BuildError::EventFd)?;
+    Ok(Vm {
+        config,
+        kvm_vm: vm,
+        mem,
+        control,
+        serial,
+        i8042,
+        reset_evt,
+        vcpus,
+        _kvm: kvm,
+    })
+}
