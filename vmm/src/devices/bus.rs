@@ -34,7 +34,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let overlaps_prev = self
             .devices
             .range(..end)
