@@ -24,7 +24,7 @@ pub struct GuestRamStats {
     pub rss: u64,
     pub pss: u64,
     pub anonymous: u64,
-    /// `KSM:` line of smaps (Linux >= 6.1 with CONFIG_KSM): bytes of this VM's
+    /// `KSM:` line of smaps (Linux >= 6.6 with CONFIG_KSM): bytes of this VM's
     /// guest RAM that are merged KSM pages.
     pub ksm: Option<u64>,
     pub anon_huge_pages: u64,

@@ -104,7 +104,7 @@ fn derive_unavailable_is_none() {
     assert_eq!(s.ksm_saved_bytes, None);
     // RSS read at slightly different times must not underflow.
     assert_eq!(s.vmm_overhead_bytes, 0);
-    // 6.1..6.6: ksm_stat without profit.
+    // Early 6.x: ksm_stat without profit.
     let old = KsmProcessStats {
         ksm_rmap_items: Some(3),
         ksm_merging_pages: Some(1),
