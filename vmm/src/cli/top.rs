@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style};
-use ratatui::widgets::{Block, Paragraph, Row, Table};
+use ratatui::widgets::{Block, Paragraph, Row, Table, Wrap};
 
 use crate::api::{page_size, HostSample};
 use crate::ksm::Ksm;
@@ -214,21 +214,32 @@ fn live(dir: PathBuf, interval: Duration) -> Result<(), CliError> {
 
 fn draw(f: &mut ratatui::Frame, frame: &Frame, dir: &Path, interval: Duration) {
     let [head, body] =
-        Layout::vertical([Constraint::Length(3), Constraint::Min(3)]).areas(f.area());
+        Layout::vertical([Constraint::Length(4), Constraint::Min(3)]).areas(f.area());
+    let title = format!(
+        " ksmvm top: {} VM(s) in {}, every {} ms, q to quit ",
+        frame.rows.len(),
+        dir.display(),
+        interval.as_millis()
+    );
     f.render_widget(
-        Paragraph::new(frame.host.as_str()).block(Block::bordered().title(format!(
-            " ksmvm top: {} VM(s) in {}, every {} ms, q to quit ",
-            frame.rows.len(),
-            dir.display(),
-            interval.as_millis()
-        ))),
+        Paragraph::new(frame.host.as_str())
+            .wrap(Wrap { trim: true })
+            .block(Block::bordered().title(title)),
         head,
     );
     let bold = Style::default().add_modifier(Modifier::BOLD);
     let mut rows: Vec<Row> = frame.rows.iter().map(|r| Row::new(r.clone())).collect();
     rows.push(Row::new(frame.total.clone()).style(bold));
+    let name_width = frame
+        .rows
+        .iter()
+        .chain([&frame.total])
+        .map(|r| r[0].chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(COLUMNS[0].len()) as u16;
     let widths = [
-        Constraint::Min(12),
+        Constraint::Length(name_width),
         Constraint::Length(8),
         Constraint::Length(8),
         Constraint::Length(9),
