@@ -15,7 +15,10 @@ fn refused(args: &[&str], needle: &str) {
     full.extend_from_slice(args);
     let (code, _out, err) = run_to_end(&full, T);
     assert_eq!(code, Some(2), "ksmvm {full:?} should exit 2; stderr: {err}");
-    assert!(err.contains(needle), "stderr of {full:?} lacks {needle:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "stderr of {full:?} lacks {needle:?}: {err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     let errors: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
     assert_eq!(errors.len(), 1, "expected one error line: {err}");
@@ -26,19 +29,31 @@ fn missing_unreadable_or_wrong_kernel() {
     if !have_kvm() {
         return;
     }
-    refused(&["--kernel", "/nonexistent/vmlinux"], "cannot open kernel /nonexistent/vmlinux");
+    refused(
+        &["--kernel", "/nonexistent/vmlinux"],
+        "cannot open kernel /nonexistent/vmlinux",
+    );
     let dir = TempDir::new("badkernel");
     refused(&["--kernel", dir.0.to_str().unwrap()], "cannot open kernel");
     let junk = dir.path("junk");
     std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
-    refused(&["--kernel", junk.to_str().unwrap()], "neither an ELF vmlinux nor a bzImage");
+    refused(
+        &["--kernel", junk.to_str().unwrap()],
+        "neither an ELF vmlinux nor a bzImage",
+    );
     let empty = dir.path("empty");
     std::fs::write(&empty, b"").unwrap();
-    refused(&["--kernel", empty.to_str().unwrap()], "neither an ELF vmlinux nor a bzImage");
+    refused(
+        &["--kernel", empty.to_str().unwrap()],
+        "neither an ELF vmlinux nor a bzImage",
+    );
     // An ELF header with nothing behind it.
     let truncated = dir.path("truncated");
     std::fs::write(&truncated, b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0").unwrap();
-    refused(&["--kernel", truncated.to_str().unwrap()], "could not be loaded");
+    refused(
+        &["--kernel", truncated.to_str().unwrap()],
+        "could not be loaded",
+    );
 }
 
 #[test]
@@ -50,13 +65,28 @@ fn initrd_that_does_not_fit_or_is_missing() {
     let dir = TempDir::new("initrd");
     let big = dir.path("big.img");
     // A sparse 40 MiB file for a 32 MiB guest.
-    std::fs::File::create(&big).unwrap().set_len(40 << 20).unwrap();
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
     refused(
-        &["--kernel", probe.to_str().unwrap(), "--mem-mib", "32", "--initrd", big.to_str().unwrap()],
+        &[
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--mem-mib",
+            "32",
+            "--initrd",
+            big.to_str().unwrap(),
+        ],
         "does not fit",
     );
     refused(
-        &["--kernel", probe.to_str().unwrap(), "--initrd", "/nonexistent/initrd"],
+        &[
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--initrd",
+            "/nonexistent/initrd",
+        ],
         "cannot open initrd /nonexistent/initrd",
     );
 }
@@ -68,8 +98,19 @@ fn command_line_too_long_or_not_ascii() {
     }
     let probe = probe();
     let long = "x".repeat(4096);
-    refused(&["--kernel", probe.to_str().unwrap(), "--cmdline", &long], "command line is 4097 bytes, the limit is 2048");
-    refused(&["--kernel", probe.to_str().unwrap(), "--cmdline", "caf\u{e9}"], "invalid kernel command line");
+    refused(
+        &["--kernel", probe.to_str().unwrap(), "--cmdline", &long],
+        "command line is 4097 bytes, the limit is 2048",
+    );
+    refused(
+        &[
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--cmdline",
+            "caf\u{e9}",
+        ],
+        "invalid kernel command line",
+    );
 }
 
 #[test]
@@ -82,10 +123,16 @@ fn memory_and_vcpu_limits() {
     refused(&["--kernel", k, "--mem-mib", "4"], "too small");
     refused(&["--kernel", k, "--mem-mib", "2000000"], "too large");
     refused(&["--kernel", k, "--vcpus", "0"], "at least one vCPU");
-    refused(&["--kernel", k, "--vcpus", "100000"], "KVM on this host allows at most");
+    refused(
+        &["--kernel", k, "--vcpus", "100000"],
+        "KVM on this host allows at most",
+    );
     refused(&["--kernel", k, "--name", "../etc"], "invalid VM name");
     refused(&["--kernel", k, "--serial", "tty"], "invalid serial sink");
-    refused(&["--kernel", k, "--mem-mib", "lots"], "invalid value 'lots'");
+    refused(
+        &["--kernel", k, "--mem-mib", "lots"],
+        "invalid value 'lots'",
+    );
 }
 
 #[test]
@@ -105,15 +152,28 @@ fn kvm_missing_or_not_permitted() {
         .expect("run unshare");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("cannot open /dev/kvm") && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains("cannot open /dev/kvm") && err.contains("No such file"),
+        "{err}"
+    );
 
     // An unprivileged user may not open it.
     let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", KSMVM, "run", "--kernel"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            KSMVM,
+            "run",
+            "--kernel",
+        ])
         .arg(&probe)
         .output()
         .expect("run setpriv");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("cannot open /dev/kvm") && err.contains("ermission denied"), "{err}");
+    assert!(
+        err.contains("cannot open /dev/kvm") && err.contains("ermission denied"),
+        "{err}"
+    );
 }

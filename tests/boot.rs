@@ -12,7 +12,10 @@ const BOOT: Duration = Duration::from_secs(60);
 fn vmm_e820(stderr: &str) -> Vec<String> {
     stderr
         .lines()
-        .filter_map(|l| l.split_once("e820 ").map(|(_, rest)| format!("PROBE E820 {rest}")))
+        .filter_map(|l| {
+            l.split_once("e820 ")
+                .map(|(_, rest)| format!("PROBE E820 {rest}"))
+        })
         .collect()
 }
 
@@ -53,7 +56,10 @@ fn probe_receives_exact_cmdline_and_e820_map() {
     let (status, stderr) = vm.wait(BOOT);
     assert!(status.success(), "exit {status:?}: {stderr}");
     let built = vmm_e820(&stderr);
-    assert_eq!(guest_e820, built, "guest e820 differs from what ksmvm built");
+    assert_eq!(
+        guest_e820, built,
+        "guest e820 differs from what ksmvm built"
+    );
     assert_eq!(count, built.len());
     // The map covers exactly the guest RAM: 96 MiB minus the EBDA/ROM hole.
     let ram: u64 = guest_e820.iter().map(|l| hex_field(l, "size")).sum();
@@ -136,7 +142,11 @@ fn guest_ram_is_mergeable_only_with_ksm_on() {
         let mut vm = Vmm::probe("probe.shared=4", &["--mem-mib", "80", "--ksm", ksm]);
         vm.expect_line("PROBE READY", BOOT);
         let flags = guest_ram_vmflags(vm.pid(), 80 << 20);
-        assert_eq!(flags.iter().any(|f| f == "mg"), expect, "--ksm {ksm}: {flags:?}");
+        assert_eq!(
+            flags.iter().any(|f| f == "mg"),
+            expect,
+            "--ksm {ksm}: {flags:?}"
+        );
         vm.send("poweroff");
         let (status, stderr) = vm.wait(BOOT);
         assert!(status.success(), "{stderr}");
@@ -164,7 +174,10 @@ fn idle_probe_answers_serial_input_and_stops_on_sigterm() {
     assert!(ticks <= 5, "idle probe used {ticks} ticks of CPU in 1 s");
     vm.terminate();
     let (status, stderr) = vm.wait(BOOT);
-    assert!(status.success(), "SIGTERM should stop cleanly: {status:?} {stderr}");
+    assert!(
+        status.success(),
+        "SIGTERM should stop cleanly: {status:?} {stderr}"
+    );
 }
 
 #[test]
@@ -178,11 +191,18 @@ fn emulation_failure_is_a_clear_error() {
     if stderr.contains("KVM_EXIT_INTERNAL_ERROR") {
         assert!(stderr.contains("emulation failure"), "{stderr}");
         assert!(stderr.contains("RIP 0x"), "{stderr}");
-        assert!(stderr.contains("instruction bytes [f0 48 0f c7") || stderr.contains("instruction bytes [f0 0f c7"), "{stderr}");
+        assert!(
+            stderr.contains("instruction bytes [f0 48 0f c7")
+                || stderr.contains("instruction bytes [f0 0f c7"),
+            "{stderr}"
+        );
     } else {
         // On hardware KVM the instruction simply runs; the probe then reports
         // that it survived and powers off with an error line.
-        assert!(vm.seen.iter().any(|l| l.contains("PROBE ERROR")), "{stderr}");
+        assert!(
+            vm.seen.iter().any(|l| l.contains("PROBE ERROR")),
+            "{stderr}"
+        );
     }
 }
 
@@ -193,7 +213,10 @@ fn vm_wait_fault(vm: &mut Vmm) -> (std::process::ExitStatus, String) {
             std::thread::sleep(Duration::from_millis(50));
             return (st, vm.stderr_text());
         }
-        assert!(std::time::Instant::now() < deadline, "VMM hung after a guest fault");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VMM hung after a guest fault"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -158,6 +158,28 @@ impl Vmm {
         }
     }
 
+    /// Waits for a serial line containing `needle` (kernel logs carry a
+    /// timestamp prefix) and returns it.
+    pub fn expect_line_containing(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(e) => panic!(
+                    "no serial line containing {needle:?} ({e:?}); serial: {:#?}\nstderr: {}",
+                    self.seen,
+                    self.stderr_text()
+                ),
+            }
+        }
+    }
+
     /// Collects serial lines until one starts with `last`, inclusive.
     pub fn lines_until(&mut self, last: &str, timeout: Duration) -> Vec<String> {
         let start = self.seen.len();
