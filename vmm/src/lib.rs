@@ -10,6 +10,7 @@ pub mod builder;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod ksm;
 pub mod logger;
 pub mod memory;
 pub mod vcpu;

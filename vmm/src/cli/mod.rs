@@ -1,6 +1,8 @@
 //! The thin `ksmvm` command line: parses arguments, builds what was asked
 //! for and maps errors to exit statuses (2 = bad input, 1 = failure).
 
+pub mod ksm;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -22,6 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest and run it until it powers off or is stopped.
     Run(RunArgs),
+    /// Inspect and tune the host's KSM.
+    #[command(subcommand)]
+    Ksm(ksm::KsmCommand),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -102,7 +107,14 @@ fn run_vm(args: &RunArgs) -> ExitCode {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::logger::init(cli.log_level);
-    match &cli.command {
-        Command::Run(args) => run_vm(args),
+    match cli.command {
+        Command::Run(args) => run_vm(&args),
+        Command::Ksm(cmd) => match ksm::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ksmvm: error: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
