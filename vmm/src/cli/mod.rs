@@ -50,7 +50,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "stdout")]
     pub serial: SerialSink,
     /// Mark guest memory MADV_MERGEABLE for KSM.
-    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub ksm: bool,
     /// VM name (used for the API socket and in statistics).
     #[arg(long, default_value = "vm")]
