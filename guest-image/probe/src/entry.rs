@@ -1,31 +1,42 @@
 //! Everything that runs at CPL0, in assembly.
 //!
-//! On this project's development machines the hypervisor emulates CPL0 code
-//! one instruction at a time (about 1 us each) while CPL3 code runs natively,
-//! so CPL0 work is kept to a constant ~50 instructions on boot plus a handful
-//! per gate call. No compiled Rust ever runs at CPL0: rustc freely emits SSE
-//! and other instructions that an instruction emulator may not implement.
+//! On this project's development machines (KVM's PVM backend) the
+//! hypervisor emulates CPL0 code one instruction at a time (about 1 us each)
+//! while CPL3 code runs natively, so CPL0 work is kept to ~40 instructions on
+//! boot plus ~10 per service call. No compiled Rust ever runs at CPL0: rustc
+//! freely emits SSE and other instructions an instruction emulator may lack.
 //!
-//! Boot (`_start`, from the VMM, long mode, interrupts off, rsi = boot_params):
-//! enable SSE, check the boot_params magic (else print an error by polling
-//! the UART and reset), read CPUID 0x8000_0001 (at CPL0 it reports the VM's
-//! CPUID, not the host's), switch to the static bootstrap page tables (0..4 MiB
-//! identity, user-accessible), load our GDT, TSS and IDT, and `iretq` to
-//! `user_start` at CPL3 with IOPL=3 (port I/O allowed) and IF=0.
+//! Boot (`_start`, from the VMM: long mode, interrupts off, rsi =
+//! boot_params): enable SSE, check the boot_params magic (else print an
+//! error by polling the UART and reset), read CPUID 0x8000_0001 (at CPL0 it
+//! reports the VM's CPUID), switch to the static bootstrap page tables
+//! (0..4 MiB identity, user-accessible), load our GDT, TSS and IDT, and
+//! `iretq` to `user_start` at CPL3 with IF=0. CPL3 then zeroes .bss, fills
+//! the IDT (in user-accessible memory: a test probe, not an OS), builds the
+//! final page tables and has the CPL0 service load them.
 //!
-//! CPL3 then zeroes .bss, fills the IDT (it lives in user-accessible memory:
-//! this is a test probe, not an OS), builds the real page tables and asks the
-//! `int 0x81` gate to load them.
+//! What the PVM machines taught us (an ordinary VT-x/AMD-V host is happy with
+//! either way):
+//! - Port I/O from CPL3 needs the TSS I/O permission bitmap: RFLAGS.IOPL=3 is
+//!   not honoured (user mode runs with the hardware IOPL=0). The TSS carries
+//!   an all-zero bitmap, and RFLAGS.IOPL=3 is set as well.
+//! - `int n` from CPL3 raises #UD whatever the gate's DPL, and `syscall`
+//!   lands at LSTAR still at CPL3 (PVM's own event ABI). Exceptions from CPL3
+//!   are delivered through our IDT, though, so CPL3 reaches its CPL0
+//!   services with a `ud2` at a known address (`probe_service`): the #UD
+//!   handler recognises the address and dispatches on rdi.
 //!
-//! Gates callable from CPL3 (DPL3 interrupt gates):
-//! - `int 0x80`: idle: `sti; hlt; cli; iretq`: sleeps until an interrupt.
-//! - `int 0x81`: `mov cr3, rdi`.
-//! - `int 0x82`: `lock cmpxchg16b` at CPL0, which KVM's instruction emulator
-//!   refuses (X86EMUL_UNHANDLEABLE): the VMM gets KVM_EXIT_INTERNAL_ERROR.
-//! - `int 0x83`: load an IDT with limit 0 and `ud2`: triple fault (shutdown).
+//! CPL0 services (`probe_service(rdi = service, rsi = argument)`, every
+//! register preserved):
+//! - `SYS_IDLE`: `sti; hlt; cli`: sleeps until an interrupt.
+//! - `SYS_SET_CR3`: `mov cr3, rsi`.
+//! - `SYS_FAULT_EMULATION`: `lock cmpxchg16b` at CPL0, which KVM's
+//!   instruction emulator refuses (X86EMUL_UNHANDLEABLE): the VMM gets
+//!   KVM_EXIT_INTERNAL_ERROR (emulation failure).
+//! - `SYS_FAULT_TRIPLE`: load an IDT with limit 0 and `ud2`: triple fault.
 //!
 //! Interrupts: vectors 0x20..0x2f (8259 PIC) send EOI and return; 0xff (LAPIC
-//! spurious) just returns. Exceptions from CPL3 are redirected to
+//! spurious) just returns. Other exceptions from CPL3 are redirected to
 //! `user_exception_entry` at CPL3 (which reports and powers off); exceptions
 //! at CPL0 print a line and triple-fault.
 
@@ -211,8 +222,8 @@ isr_exc_\n:
     EXC_NOERR 31
 
 /* Stack: vector, error, rip, cs, rflags, rsp, ss. From CPL3: rewrite the
-   frame to return to user_exception_entry(vector, error, rip, cr2) on the
-   fault stack. From CPL0: print and triple-fault. */
+   frame to return to user_exception_entry(vector, error, rip, cr2, cs,
+   rflags) on the fault stack. From CPL0: print and triple-fault. */
 exc_common:
     test byte ptr [rsp + 24], 3
     jz 95f

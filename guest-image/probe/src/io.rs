@@ -1,11 +1,9 @@
 //! Port I/O, the 16550 UART, the gates into CPL0 and power-off. All of this
 //! runs at CPL3 with RFLAGS.IOPL=3, so `in`/`out` are allowed.
 
+use crate::entry::{probe_service, SYS_FAULT_EMULATION, SYS_FAULT_TRIPLE, SYS_IDLE, SYS_SET_CR3};
 use core::arch::asm;
 use core::fmt;
-use crate::entry::{
-    probe_service, SYS_FAULT_EMULATION, SYS_FAULT_TRIPLE, SYS_IDLE, SYS_SET_CR3,
-};
 
 const COM1: u16 = 0x3f8;
 const UART_RBR_THR: u16 = COM1;
@@ -22,7 +20,9 @@ const I8042_RESET: u8 = 0xfe;
 pub fn outb(port: u16, val: u8) {
     // SAFETY: the probe runs with IOPL=3 and only touches the legacy devices
     // it drives (UART, PIC, i8042); `out` accesses no memory.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Reads I/O port `port`.
@@ -30,7 +30,9 @@ pub fn outb(port: u16, val: u8) {
 pub fn inb(port: u16) -> u8 {
     let val: u8;
     // SAFETY: as for `outb`; `in` accesses no memory.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") val, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") val, options(nomem, nostack, preserves_flags))
+    }
     val
 }
 
@@ -74,7 +76,11 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// Writes `v` as `0x` and lowercase hex digits without padding.
 pub fn put_hex(v: u64) {
     put_str("0x");
-    let digits = if v == 0 { 1 } else { 16 - v.leading_zeros() as usize / 4 };
+    let digits = if v == 0 {
+        1
+    } else {
+        16 - v.leading_zeros() as usize / 4
+    };
     for i in (0..digits).rev() {
         putc(HEX[((v >> (i * 4)) & 0xf) as usize]);
     }

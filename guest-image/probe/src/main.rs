@@ -14,6 +14,7 @@ mod paging;
 mod params;
 mod workload;
 
+use core::sync::atomic::{AtomicBool, Ordering};
 use io::{put_bytes, put_dec, put_hex, put_hex16, put_str};
 use params::{Fault, Then};
 use probe_pattern::{DOMAIN_SHARED, DOMAIN_UNIQUE};
@@ -213,9 +214,28 @@ fn run_command(work: &Workload, cmd: &[u8]) {
     }
 }
 
+/// Set once a fatal report (exception or panic) has begun.
+static DYING: AtomicBool = AtomicBool::new(false);
+
+/// Starts a fatal report; a second one (the report itself faulted, e.g.
+/// because port I/O does not work) triple-faults rather than loop.
+fn begin_fatal_report() {
+    if DYING.swap(true, Ordering::Relaxed) {
+        io::fault_triple();
+    }
+}
+
 /// Reached (at CPL3, on the fault stack) when CPL3 code raised an exception.
 #[no_mangle]
-extern "C" fn user_exception(vector: u64, error: u64, rip: u64, cr2: u64, cs: u64, rflags: u64) -> ! {
+extern "C" fn user_exception(
+    vector: u64,
+    error: u64,
+    rip: u64,
+    cr2: u64,
+    cs: u64,
+    rflags: u64,
+) -> ! {
+    begin_fatal_report();
     put_str("PROBE ERROR exception vector=");
     put_dec(vector);
     put_str(" error=");
@@ -234,6 +254,7 @@ extern "C" fn user_exception(vector: u64, error: u64, rip: u64, cr2: u64, cs: u6
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     use core::fmt::Write;
+    begin_fatal_report();
     put_str("PROBE ERROR panic: ");
     let _ = write!(io::Serial, "{}", info.message());
     if let Some(loc) = info.location() {

@@ -1,5 +1,6 @@
-//! The C memory functions rustc expects from libc (we link none). Plain
-//! `rep movsb`/`rep stosb`; they only ever run at CPL3 (natively).
+//! The C memory functions rustc expects from libc (we link none), plain
+//! `rep movsb`/`rep stosb` that only ever run at CPL3 (natively), and a stub
+//! `rust_eh_personality`.
 
 use core::arch::global_asm;
 
@@ -53,5 +54,11 @@ bcmp:
     dec rdx
     jnz 1b
 2:  ret
+
+/* Referenced by the precompiled core's unwind tables in unoptimised builds;
+   never called (panic = "abort"). */
+    .global rust_eh_personality
+rust_eh_personality:
+    ud2
 "#
 );

@@ -61,8 +61,8 @@ fn gate(handler: u64) -> [u64; 2] {
 }
 
 /// Fills the (already loaded) IDT: exceptions, PIC IRQs and the LAPIC
-/// spurious vector. (CPL3 enters CPL0 with `syscall`: on this project's
-/// machines `int n` from CPL3 raises #UD whatever the gate's DPL.)
+/// spurious vector. All gates are DPL0: CPL3 reaches CPL0 only through
+/// exceptions (see `probe_service` in entry.rs).
 pub fn init_idt() {
     let set = |vector: u8, handler: unsafe extern "C" fn()| {
         let g = gate(handler as usize as u64);
