@@ -6,7 +6,7 @@
 //! the guest; the sampler and KSM locks are the API's alone.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemoryMmap;
 
@@ -19,11 +19,15 @@ use crate::vcpu::{ExitOutcome, VmControl};
 use super::backend::{BackendError, StatsSource, VmBackend};
 use super::types::{Action, OnOff, VmInfo, VmState};
 
+/// How old the smaps-derived figures (Pss, swap, overhead) of `/stats` may
+/// be; residency and KSM counters are read on every request (docs/stats.md).
+pub const STATS_DETAIL_MAX_AGE: Duration = Duration::from_secs(2);
+
 /// The stats module's sampler; sampling is serialised (it reuses buffers).
 impl StatsSource for Mutex<Sampler> {
     fn sample(&self) -> Result<VmStats, BackendError> {
         lock(self)
-            .sample()
+            .sample_fresh(STATS_DETAIL_MAX_AGE)
             .map_err(|e| BackendError::Stats(e.to_string()))
     }
 }

@@ -95,7 +95,6 @@ pub struct RunArgs {
     #[arg(long, default_value = "stdout")]
     pub serial: SerialSink,
     /// Mark guest memory MADV_MERGEABLE for KSM.
-    // ArgAction::Set: a bool field is otherwise a value-less flag.
     #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub ksm: bool,
     /// VM name (used for the API socket and in statistics).
@@ -178,7 +177,7 @@ pub fn main() -> ExitCode {
         Command::Ksm(cmd) => match ksm::run(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("ksmvm: {e}");
+                eprintln!("ksmvm: error: {e}");
                 ExitCode::FAILURE
             }
         },

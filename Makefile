@@ -1,0 +1,42 @@
+# ksmvm — the two commands a fresh machine needs are `make demo` and `make test`.
+CARGO ?= cargo
+PROBE := guest-image/probe/target/release/probe
+KSMVM := target/release/ksmvm
+BENCH := target/release/ksmvm-bench
+
+.PHONY: all build probe demo test lint fmt kernel clean
+
+all: build
+
+build:
+	$(CARGO) build --release --workspace
+	$(MAKE) probe
+
+# The probe guest: a freestanding kernel with its own linker flags.
+probe:
+	cd guest-image/probe && $(CARGO) build --release
+
+# KSM density demo: 4 probe guests with the same memory profile; waits for
+# KSM to merge them and prints each VM's resident and merged memory.
+demo: build
+	$(BENCH) demo --ksmvm $(KSMVM) --probe $(PROBE)
+
+# Debian's cloud kernel for the Linux boot-protocol test (cached outside the repo).
+kernel:
+	guest-image/linux/fetch-debian-kernel.sh
+
+test: probe kernel
+	$(CARGO) test --workspace -- --test-threads=2
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	cd guest-image/probe && $(CARGO) fmt --check && $(CARGO) clippy --release -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+	cd guest-image/probe && $(CARGO) fmt
+
+clean:
+	$(CARGO) clean
+	cd guest-image/probe && $(CARGO) clean

@@ -1,0 +1,179 @@
+//! Bad input gets one clear error line naming the cause and exit status 2,
+//! never a panic or a hang.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Runs `ksmvm run ARGS` and checks exit status 2 and a one-line error
+/// containing `needle`.
+fn refused(args: &[&str], needle: &str) {
+    let mut full = vec!["run"];
+    full.extend_from_slice(args);
+    let (code, _out, err) = run_to_end(&full, T);
+    assert_eq!(code, Some(2), "ksmvm {full:?} should exit 2; stderr: {err}");
+    assert!(
+        err.contains(needle),
+        "stderr of {full:?} lacks {needle:?}: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line: {err}");
+}
+
+#[test]
+fn missing_unreadable_or_wrong_kernel() {
+    if !have_kvm() {
+        return;
+    }
+    refused(
+        &["--kernel", "/nonexistent/vmlinux"],
+        "cannot open kernel /nonexistent/vmlinux",
+    );
+    let dir = TempDir::new("badkernel");
+    refused(&["--kernel", dir.0.to_str().unwrap()], "cannot open kernel");
+    let junk = dir.path("junk");
+    std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
+    refused(
+        &["--kernel", junk.to_str().unwrap()],
+        "neither an ELF vmlinux nor a bzImage",
+    );
+    let empty = dir.path("empty");
+    std::fs::write(&empty, b"").unwrap();
+    refused(
+        &["--kernel", empty.to_str().unwrap()],
+        "neither an ELF vmlinux nor a bzImage",
+    );
+    // An ELF header with nothing behind it.
+    let truncated = dir.path("truncated");
+    std::fs::write(&truncated, b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0").unwrap();
+    refused(
+        &["--kernel", truncated.to_str().unwrap()],
+        "could not be loaded",
+    );
+}
+
+#[test]
+fn initrd_that_does_not_fit_or_is_missing() {
+    if !have_kvm() {
+        return;
+    }
+    let probe = probe();
+    let dir = TempDir::new("initrd");
+    let big = dir.path("big.img");
+    // A sparse 40 MiB file for a 32 MiB guest.
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    refused(
+        &[
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--mem-mib",
+            "32",
+            "--initrd",
+            big.to_str().unwrap(),
+        ],
+        "does not fit",
+    );
+    refused(
+        &[
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--initrd",
+            "/nonexistent/initrd",
+        ],
+        "cannot open initrd /nonexistent/initrd",
+    );
+}
+
+#[test]
+fn command_line_too_long_or_not_ascii() {
+    if !have_kvm() {
+        return;
+    }
+    let probe = probe();
+    let long = "x".repeat(4096);
+    refused(
+        &["--kernel", probe.to_str().unwrap(), "--cmdline", &long],
+        "command line is 4097 bytes, the limit is 2048",
+    );
+    refused(
+        &[
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--cmdline",
+            "caf\u{e9}",
+        ],
+        "invalid kernel command line",
+    );
+}
+
+#[test]
+fn memory_and_vcpu_limits() {
+    if !have_kvm() {
+        return;
+    }
+    let probe = probe();
+    let k = probe.to_str().unwrap();
+    refused(&["--kernel", k, "--mem-mib", "4"], "too small");
+    refused(&["--kernel", k, "--mem-mib", "2000000"], "too large");
+    refused(&["--kernel", k, "--vcpus", "0"], "at least one vCPU");
+    refused(
+        &["--kernel", k, "--vcpus", "100000"],
+        "KVM on this host allows at most",
+    );
+    refused(&["--kernel", k, "--name", "../etc"], "invalid VM name");
+    refused(&["--kernel", k, "--serial", "tty"], "invalid serial sink");
+    refused(
+        &["--kernel", k, "--mem-mib", "lots"],
+        "invalid value 'lots'",
+    );
+}
+
+#[test]
+fn kvm_missing_or_not_permitted() {
+    if !have_kvm() || !require(is_root(), "root (to hide /dev/kvm and drop privileges)") {
+        return;
+    }
+    let probe = probe();
+    // A private mount namespace with an empty /dev: /dev/kvm is missing.
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs none /dev && exec {KSMVM} run --kernel {}",
+            probe.display()
+        ))
+        .output()
+        .expect("run unshare");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot open /dev/kvm") && err.contains("No such file"),
+        "{err}"
+    );
+
+    // An unprivileged user may not open it.
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            KSMVM,
+            "run",
+            "--kernel",
+        ])
+        .arg(&probe)
+        .output()
+        .expect("run setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot open /dev/kvm") && err.contains("ermission denied"),
+        "{err}"
+    );
+}
