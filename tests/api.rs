@@ -3,6 +3,9 @@
 //! with tiny guests assembled at test time.
 
 mod api_harness;
+// The project's shared helpers, for the probe guest (module path only:
+// its names would clash with api_harness's in a glob import).
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -395,13 +398,17 @@ fn ksm_unmerge_and_merge_flip_the_mg_flag() {
     let dir = RuntimeDir::new();
     let vm = Vm::start(&dir, "madvise");
     let c = vm.client();
-    let has_mg = || guest_ram_vmflags(vm.pid()).iter().any(|f| f == "mg");
+    let has_mg = || {
+        guest_ram_vmflags(vm.pid(), MEM_MIB)
+            .iter()
+            .any(|f| f == "mg")
+    };
     assert!(has_mg(), "--ksm on (the default) marks guest RAM mergeable");
     c.action(Action::KsmUnmerge).unwrap();
     assert!(
         !has_mg(),
         "ksm_unmerge clears mg: {:?}",
-        guest_ram_vmflags(vm.pid())
+        guest_ram_vmflags(vm.pid(), MEM_MIB)
     );
     assert_eq!(vm.info().ksm, OnOff::Off);
     c.action(Action::KsmMerge).unwrap();
@@ -409,10 +416,14 @@ fn ksm_unmerge_and_merge_flip_the_mg_flag() {
     assert_eq!(vm.info().ksm, OnOff::On);
 
     let off = Vm::start_with(&dir, "nomerge", idle_guest(), &["--ksm", "off"]);
-    assert!(!guest_ram_vmflags(off.pid()).iter().any(|f| f == "mg"));
+    assert!(!guest_ram_vmflags(off.pid(), MEM_MIB)
+        .iter()
+        .any(|f| f == "mg"));
     assert_eq!(off.info().ksm, OnOff::Off);
     off.client().action(Action::KsmMerge).unwrap();
-    assert!(guest_ram_vmflags(off.pid()).iter().any(|f| f == "mg"));
+    assert!(guest_ram_vmflags(off.pid(), MEM_MIB)
+        .iter()
+        .any(|f| f == "mg"));
 }
 
 #[test]
@@ -608,4 +619,123 @@ fn exporter_serves_every_vm_and_the_host() {
 
     exp.guard.signal(libc::SIGTERM);
     assert!(exp.guard.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// Through the API only: probe twins converge (>= 90 % of their shared
+/// pages merged, as /stats, /metrics and `ksmvm list` report), ksm_unmerge
+/// takes one VM's pages out at run time, ksm_merge brings them back, and
+/// the guests' data stays intact throughout.
+#[test]
+fn ksm_actions_on_converged_twins() {
+    if !support::have_kvm() || !support::have_ksm() {
+        return;
+    }
+    let _lock = ksmvm::ksm::HostLock::acquire().expect("KSM host lock");
+    let ksm = ksmvm::ksm::Ksm::new();
+    let guard = ksm.settings_guard().expect("save KSM settings");
+    ksm.tune(&ksmvm::ksm::KsmTuning {
+        pages_to_scan: Some(20_000),
+        sleep_millisecs: Some(20),
+        enabled: Some(true),
+        ..Default::default()
+    })
+    .expect("tune KSM");
+
+    const SHARED_MIB: u64 = 32;
+    let shared_pages = SHARED_MIB * 256;
+    let boot = Duration::from_secs(60);
+    let mut vms: Vec<support::Vmm> = (1..=2)
+        .map(|seed| {
+            support::Vmm::probe(
+                &format!(
+                    "probe.shared={SHARED_MIB} probe.unique=4 probe.profile=9 probe.seed={seed}"
+                ),
+                &[
+                    "--mem-mib",
+                    "96",
+                    "--name",
+                    &format!("twin{seed}"),
+                    "--serial",
+                    "stdout",
+                ],
+            )
+        })
+        .collect();
+    for vm in &mut vms {
+        vm.expect_line("PROBE READY", boot);
+    }
+    let clients: Vec<ksmvm::api::ApiClient> = vms
+        .iter()
+        .zip(["twin1", "twin2"])
+        .map(|(vm, name)| ksmvm::api::ApiClient::new(vm.runtime.path(&format!("{name}.sock"))))
+        .collect();
+    let merging = |c: &ksmvm::api::ApiClient| c.stats().unwrap().ksm.ksm_merging_pages.unwrap_or(0);
+    let wait_merged = |which: &[usize], what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let m: Vec<u64> = which.iter().map(|&i| merging(&clients[i])).collect();
+            if m.iter().all(|&p| p >= shared_pages * 9 / 10) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: KSM did not merge 90% of {shared_pages} pages: {m:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let merged = wait_merged(&[0, 1], "twins");
+    eprintln!("merged pages per VM: {merged:?} of {shared_pages} shared");
+
+    // /metrics and `ksmvm list` report the same convergence.
+    let scrape = parse_metrics(&clients[0].metrics().unwrap());
+    let m = value(sample(&scrape, "ksmvm_ksm_merging_pages", Some("twin1")).unwrap());
+    assert!(m >= (shared_pages * 9 / 10) as f64, "metrics: {m}");
+    let list = ksmvm_ok_in(&vms[0].runtime.0, &["list", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let merged_bytes = list[0]["merged_bytes"].as_u64().unwrap();
+    assert!(merged_bytes >= shared_pages * 4096 * 9 / 10, "{list}");
+
+    // Unmerge twin1 at run time: the kernel copies its pages back before
+    // the 204, as its smaps shows at once.
+    let pid = vms[0].pid();
+    assert!(guest_ram_field(pid, 96, "KSM").is_none_or(|k| k > 0));
+    clients[0].action(Action::KsmUnmerge).unwrap();
+    assert!(!guest_ram_vmflags(pid, 96).iter().any(|f| f == "mg"));
+    if let Some(k) = guest_ram_field(pid, 96, "KSM") {
+        assert_eq!(k, 0, "merged guest RAM left after ksm_unmerge");
+    }
+    assert_eq!(clients[0].info().unwrap().ksm, OnOff::Off);
+    // ksm_stat's counters follow when ksmd next passes by, and stay 0.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while merging(&clients[0]) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "ksm_merging_pages stays above 0 after ksm_unmerge"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(merging(&clients[0]), 0, "ksmd merged unmergeable memory");
+
+    // And back: twin1 merges again.
+    clients[0].action(Action::KsmMerge).unwrap();
+    wait_merged(&[0], "after ksm_merge");
+
+    for (i, vm) in vms.iter_mut().enumerate() {
+        vm.send("verify");
+        let v = vm.expect_line("PROBE VERIFY", boot);
+        assert_eq!(
+            support::field(&v, "result"),
+            Some("ok"),
+            "twin{}: {v}",
+            i + 1
+        );
+    }
+    for mut vm in vms {
+        vm.send("poweroff");
+        let (status, stderr) = vm.wait(boot);
+        assert!(status.success(), "{stderr}");
+    }
+    guard.restore().expect("restore KSM settings");
 }

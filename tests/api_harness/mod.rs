@@ -33,10 +33,13 @@ pub fn have_kvm() -> bool {
     ok
 }
 
+/// Guest images and VMM logs (kept for inspection in the build directory;
+/// runtime directories stay under /tmp, as socket paths must be short).
 fn scratch() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("ksmvm-api-tests-{}", std::process::id()));
+        let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("api-tests-{}", std::process::id()));
         std::fs::create_dir_all(&d).expect("cannot create the test scratch directory");
         d
     })
@@ -100,7 +103,11 @@ pub struct RuntimeDir(pub PathBuf);
 impl RuntimeDir {
     pub fn new() -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
-        let d = scratch().join(format!("run{}", N.fetch_add(1, Ordering::SeqCst)));
+        let d = std::env::temp_dir().join(format!(
+            "ksmvm-api-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
         let _ = std::fs::remove_dir_all(&d);
         Self(d)
     }
@@ -111,25 +118,35 @@ impl RuntimeDir {
 
     /// Runs a ksmvm command against this directory and waits for it.
     pub fn ksmvm(&self, args: &[&str]) -> Output {
-        Command::new(KSMVM)
-            .args(args)
-            .env("KSMVM_RUNTIME_DIR", &self.0)
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run ksmvm")
+        ksmvm_in(&self.0, args)
     }
 
     /// Like [`RuntimeDir::ksmvm`] but the command must succeed; returns stdout.
     pub fn ksmvm_ok(&self, args: &[&str]) -> String {
-        let out = self.ksmvm(args);
-        assert!(
-            out.status.success(),
-            "ksmvm {args:?} failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("ksmvm printed non-UTF-8")
+        ksmvm_ok_in(&self.0, args)
     }
+}
+
+/// Runs a ksmvm command with KSMVM_RUNTIME_DIR=`dir` and waits for it.
+pub fn ksmvm_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(KSMVM)
+        .args(args)
+        .env("KSMVM_RUNTIME_DIR", dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run ksmvm")
+}
+
+/// Like [`ksmvm_in`] but the command must succeed; returns stdout.
+pub fn ksmvm_ok_in(dir: &Path, args: &[&str]) -> String {
+    let out = ksmvm_in(dir, args);
+    assert!(
+        out.status.success(),
+        "ksmvm {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("ksmvm printed non-UTF-8")
 }
 
 impl Drop for RuntimeDir {
@@ -322,37 +339,60 @@ pub fn error_message(r: &ClientResponse) -> String {
     v["error"].as_str().expect("error field").to_owned()
 }
 
-/// The VmFlags of the guest RAM mapping of `pid` (the only MEM_MIB-sized
-/// private anonymous read-write mapping of a VMM).
-pub fn guest_ram_vmflags(pid: u32) -> Vec<String> {
+/// The smaps block (header line first) of the guest RAM mapping of `pid`:
+/// the only `mem_mib`-sized private read-write mapping of a VMM whose RAM
+/// lies below the 32-bit MMIO gap.
+pub fn guest_ram_smaps(pid: u32, mem_mib: u64) -> Vec<String> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("read smaps");
-    let size = MEM_MIB << 20;
+    let size = mem_mib << 20;
+    let mut blocks: Vec<Vec<String>> = Vec::new();
     let mut in_ram = false;
-    let mut found = Vec::new();
     for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
+        let mut words = line.split_whitespace();
+        let range = words.next().unwrap_or("").split_once('-');
+        let perms = words.next().unwrap_or("");
+        if let Some((a, b)) = range {
             if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                let perms = line.split_whitespace().nth(1).unwrap_or("");
                 in_ram = b - a == size && perms == "rw-p";
-                continue;
+                if in_ram {
+                    blocks.push(Vec::new());
+                }
             }
         }
         if in_ram {
-            if let Some(flags) = line.strip_prefix("VmFlags:") {
-                found.push(
-                    flags
-                        .split_whitespace()
-                        .map(str::to_owned)
-                        .collect::<Vec<_>>(),
-                );
+            if let Some(b) = blocks.last_mut() {
+                b.push(line.to_owned());
             }
         }
     }
     assert_eq!(
-        found.len(),
+        blocks.len(),
         1,
-        "expected one {MEM_MIB} MiB guest RAM mapping in /proc/{pid}/smaps"
+        "expected one {mem_mib} MiB guest RAM mapping in /proc/{pid}/smaps"
     );
-    found.remove(0)
+    blocks.remove(0)
+}
+
+/// The VmFlags of the guest RAM mapping (see [`guest_ram_smaps`]).
+pub fn guest_ram_vmflags(pid: u32, mem_mib: u64) -> Vec<String> {
+    guest_ram_smaps(pid, mem_mib)
+        .iter()
+        .find_map(|l| l.strip_prefix("VmFlags:"))
+        .expect("VmFlags line")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A `Name:   N kB` field of the guest RAM mapping, in bytes; None if absent.
+pub fn guest_ram_field(pid: u32, mem_mib: u64, name: &str) -> Option<u64> {
+    guest_ram_smaps(pid, mem_mib).iter().find_map(|l| {
+        let v = l.strip_prefix(name)?.strip_prefix(':')?;
+        v.trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(|k| k * 1024)
+    })
 }
