@@ -30,8 +30,9 @@ pub type Handler = Arc<dyn Fn(&str, &str, &[u8]) -> Reply + Send + Sync>;
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long stopping waits for replies in flight (e.g. the 204 of a shutdown).
-const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long stopping waits for replies in flight (e.g. the 204 of a
+/// shutdown); a client stuck mid-request cannot hold the VM's exit longer.
+const STOP_GRACE: Duration = Duration::from_millis(500);
 
 pub enum Listener {
     Unix(std::os::unix::net::UnixListener),

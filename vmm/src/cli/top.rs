@@ -3,7 +3,10 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
@@ -167,6 +170,45 @@ pub fn run(
     live(dir.to_path_buf(), interval)
 }
 
+/// Set by SIGTERM/SIGINT: leave the loop so the terminal is restored (the
+/// default action would kill the process with the terminal left raw).
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_hangup(_: libc::c_int) {
+    // The terminal is gone, so there is nothing to restore; and crossterm
+    // 0.28 would spin reading the dead tty instead of returning. _exit is
+    // async-signal-safe.
+    // SAFETY: _exit has no preconditions.
+    unsafe { libc::_exit(128 + libc::SIGHUP) };
+}
+
+fn catch_stop_signals() -> Result<(), CliError> {
+    let handlers = [
+        (
+            Signal::SIGTERM,
+            on_stop_signal as extern "C" fn(libc::c_int),
+        ),
+        (Signal::SIGINT, on_stop_signal),
+        (Signal::SIGHUP, on_hangup),
+    ];
+    for (sig, handler) in handlers {
+        let action = SigAction::new(
+            SigHandler::Handler(handler),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        // SAFETY: both handlers are async-signal-safe (an atomic store,
+        // _exit); this CLI process installs no other handler for them.
+        unsafe { sigaction(sig, &action) }.map_err(|e| CliError::Io(e.into()))?;
+    }
+    Ok(())
+}
+
 /// Restores the terminal when dropped, on errors and panics too.
 struct TerminalGuard;
 
@@ -181,6 +223,7 @@ impl Drop for TerminalGuard {
 fn live(dir: PathBuf, interval: Duration) -> Result<(), CliError> {
     let ksm = Ksm::new();
     let proc_root = Path::new("/proc");
+    catch_stop_signals()?;
     // try_init also installs a panic hook that restores the terminal.
     let mut terminal = ratatui::try_init()?;
     let _guard = TerminalGuard;
@@ -195,9 +238,18 @@ fn live(dir: PathBuf, interval: Duration) -> Result<(), CliError> {
         terminal.draw(|f| draw(f, &frame, &dir, interval))?;
         let deadline = Instant::now() + interval;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || !event::poll(left)? {
+            if STOP.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            // Short polls, so a SIGTERM is noticed soon.
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100));
+            if left.is_zero() {
                 break;
+            }
+            if !event::poll(left)? {
+                continue;
             }
             if let Event::Key(k) = event::read()? {
                 let ctrl_c =
