@@ -137,14 +137,16 @@ fn debian_bzimage_loads_through_the_bzimage_path() {
     let hdr = k.setup_header.expect("a bzImage has a setup header");
     assert_eq!({ hdr.header }, 0x5372_6448);
     assert_ne!({ hdr.xloadflags } & 1, 0, "64-bit entry point");
-    assert_eq!(k.entry, u64::from({ hdr.code32_start }) + 0x200);
-    assert!(k.end >= u64::from({ hdr.code32_start }) + u64::from({ hdr.init_size }));
+    // Copies: the header is packed, so its fields cannot be borrowed.
+    let load = u64::from(hdr.code32_start);
+    let init_size = u64::from(hdr.init_size);
+    assert_eq!(k.entry, load + 0x200);
+    assert!(k.end >= load + init_size);
     // The payload was copied verbatim after the setup sectors.
     let image = std::fs::read(&bzimage).unwrap();
     let setup = (usize::from(hdr.setup_sects.max(4)) + 1) * 512;
     let mut head = vec![0u8; 4096];
-    mem.read_slice(&mut head, GuestAddress(u64::from({ hdr.code32_start })))
-        .unwrap();
+    mem.read_slice(&mut head, GuestAddress(load)).unwrap();
     assert_eq!(head, image[setup..setup + 4096]);
     // The zero page keeps the kernel's own header fields.
     setup_zero_page(

@@ -125,10 +125,15 @@ impl Sampler {
         guest_ram.pss = guest_ram.pss.min(rss);
         // The VMM marks only guest RAM mergeable, so the process-wide merged
         // page count is this VM's; it replaces the (older) smaps KSM line.
+        // MADV_UNMERGEABLE copies every merged page back at once, while
+        // ksm_merging_pages only drops when ksmd next passes: a process with
+        // no mergeable memory left has nothing merged.
         if guest_ram.ksm.is_some() {
-            if let Some(pages) = ksm.ksm_merging_pages {
-                guest_ram.ksm = Some((pages * self.page_size).min(rss));
-            }
+            guest_ram.ksm = match (ksm.ksm_mergeable, ksm.ksm_merging_pages) {
+                (Some(false), _) => Some(0),
+                (_, Some(pages)) => Some((pages * self.page_size).min(rss)),
+                (_, None) => guest_ram.ksm,
+            };
         }
         let mut stats = VmStats::derive(
             self.regions.total_len(),

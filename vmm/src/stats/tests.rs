@@ -172,10 +172,14 @@ impl AnonMapping {
             )
         };
         assert_ne!(addr, libc::MAP_FAILED, "mmap {len} bytes");
-        Self {
+        let m = Self {
             addr: addr.cast(),
             len,
-        }
+        };
+        // As the VMM does for guest RAM: the flag keeps the kernel from
+        // merging this VMA with a neighbouring anonymous mapping.
+        m.madvise(libc::MADV_DONTDUMP);
+        m
     }
 
     fn madvise(&self, advice: libc::c_int) {
