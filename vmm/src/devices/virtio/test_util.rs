@@ -270,7 +270,7 @@ impl Harness {
         self.transport.process_queue(index);
     }
 
-    /// Interrupts raised since the last call (0 or 1: the counter collapses).
+    /// Interrupts raised since the last call.
     pub fn take_irq(&self) -> u64 {
         self.irq.read().unwrap_or(0)
     }
