@@ -98,14 +98,6 @@ impl<'a> QueueCtx<'a> {
         }
     }
 
-    /// Gives back the chain `pop` returned last, so that the next `pop`
-    /// returns it again.
-    pub fn unpop(&mut self, index: usize) {
-        if let Some(q) = self.ready_queue(index) {
-            q.go_to_previous_position();
-        }
-    }
-
     /// Returns a chain to the driver with `len` bytes written into it.
     pub fn add_used(&mut self, index: usize, head: u16, len: u32) {
         let mem = self.mem;

@@ -366,6 +366,7 @@ pub fn hostile_battery(
         .unwrap();
 
     for (name, build) in hostile_chains() {
+        eprintln!("hostile chain: {name}");
         let chain = build(0, q.size);
         let first = q.alloc(chain.len() as u16);
         for (i, (addr, len, flags, next)) in build(first, q.size).into_iter().enumerate() {
