@@ -47,6 +47,7 @@ pub use device::VirtioDevice;
 pub use net::Net;
 pub use rng::Rng;
 pub use block::Block;
+pub use balloon::{Balloon, BalloonHandle, BalloonStats};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
