@@ -96,7 +96,8 @@ impl DiskId {
 impl TryFrom<String> for DiskId {
     type Error = DeviceConfigError;
     fn try_from(s: String) -> Result<Self> {
-        let ok = !s.is_empty() && s.len() <= Self::MAX_LEN && s.bytes().all(|b| b.is_ascii_graphic());
+        let ok =
+            !s.is_empty() && s.len() <= Self::MAX_LEN && s.bytes().all(|b| b.is_ascii_graphic());
         if ok {
             Ok(DiskId(s))
         } else {
@@ -146,7 +147,12 @@ impl FromStr for DiskConfig {
 
 impl fmt::Display for DiskConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "path={},ro={}", self.path.display(), on_off(self.read_only))?;
+        write!(
+            f,
+            "path={},ro={}",
+            self.path.display(),
+            on_off(self.read_only)
+        )?;
         if let Some(id) = &self.id {
             write!(f, ",id={}", id.as_str())?;
         }
@@ -251,7 +257,8 @@ impl TryFrom<String> for TapName {
             && s.len() <= Self::MAX_LEN
             && s != "."
             && s != ".."
-            && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+            && s.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
         if ok {
             Ok(TapName(s))
         } else {
@@ -410,7 +417,10 @@ mod tests {
         assert_eq!(e("path="), "path= is empty");
         assert_eq!(e("path=a,path=b"), "option \"path\" given twice");
         assert_eq!(e("path=a,ro=yes"), "ro=\"yes\": expected on or off");
-        assert_eq!(e("path=a,cache=none"), "unknown option \"cache\" (known: path, ro, id)");
+        assert_eq!(
+            e("path=a,cache=none"),
+            "unknown option \"cache\" (known: path, ro, id)"
+        );
         assert_eq!(e("/tmp/a.img"), "\"/tmp/a.img\" is not KEY=VALUE");
         assert!(e("path=a,id=abcdefghijklmnopqrstu").contains("1-20 printable ASCII"));
         assert!(e("path=a,id=a b").contains("1-20 printable ASCII"));
@@ -428,7 +438,10 @@ mod tests {
         assert_eq!(m.0[0] & 0b11, 0b10, "locally administered unicast");
         assert_ne!(m, MacAddr::derived_from("vm2"));
         // Pinned: a guest's address must not change between releases.
-        assert_eq!(MacAddr::derived_from("tap0").to_string(), "06:16:d0:ac:07:ef");
+        assert_eq!(
+            MacAddr::derived_from("tap0").to_string(),
+            "06:16:d0:ac:07:ef"
+        );
     }
 
     #[test]
@@ -450,7 +463,10 @@ mod tests {
 
     #[test]
     fn balloon_defaults_and_options() {
-        assert_eq!("".parse::<BalloonConfig>().unwrap(), BalloonConfig::default());
+        assert_eq!(
+            "".parse::<BalloonConfig>().unwrap(),
+            BalloonConfig::default()
+        );
         let b: BalloonConfig = "deflate-on-oom=on,free-page-reporting=on,stats-interval-s=5"
             .parse()
             .unwrap();
@@ -458,7 +474,10 @@ mod tests {
         assert_eq!(b.stats_interval_s, 5);
         assert_eq!(b.to_string().parse::<BalloonConfig>().unwrap(), b);
         let e = |s: &str| s.parse::<BalloonConfig>().unwrap_err().to_string();
-        assert_eq!(e("stats-interval-s=-1"), "stats-interval-s=\"-1\": expected a whole number");
+        assert_eq!(
+            e("stats-interval-s=-1"),
+            "stats-interval-s=\"-1\": expected a whole number"
+        );
         assert!(e("target=5").starts_with("unknown option \"target\""));
     }
 
@@ -481,8 +500,12 @@ mod tests {
         );
         assert!(serde_json::from_str::<DiskConfig>(r#"{"path":"/a","id":"x y"}"#).is_err());
         assert!(serde_json::from_str::<DiskConfig>(r#"{"path":"/a","cache":1}"#).is_err());
-        let n: NetConfig = serde_json::from_str(r#"{"tap":"tap0","mac":"06:00:00:00:00:01"}"#).unwrap();
-        assert_eq!(serde_json::to_string(&n).unwrap(), r#"{"tap":"tap0","mac":"06:00:00:00:00:01"}"#);
+        let n: NetConfig =
+            serde_json::from_str(r#"{"tap":"tap0","mac":"06:00:00:00:00:01"}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&n).unwrap(),
+            r#"{"tap":"tap0","mac":"06:00:00:00:00:01"}"#
+        );
         assert!(serde_json::from_str::<NetConfig>(r#"{"tap":"tap0","mac":"bad"}"#).is_err());
         let b: BalloonConfig = serde_json::from_str(r#"{"stats-interval-s":3}"#).unwrap();
         assert_eq!(b.stats_interval_s, 3);

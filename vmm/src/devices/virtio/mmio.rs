@@ -341,8 +341,7 @@ impl MmioTransport {
         match self.driver_features_sel {
             0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
             1 => {
-                self.driver_features =
-                    (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32);
+                self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32);
             }
             sel if v != 0 => {
                 // Bits beyond 64 were never offered; remember the bogus ack
@@ -379,7 +378,9 @@ impl MmioTransport {
         match self.queue_evts.get(v as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    warn_ratelimited!("virtio-mmio: cannot forward notification for queue {v}: {e}");
+                    warn_ratelimited!(
+                        "virtio-mmio: cannot forward notification for queue {v}: {e}"
+                    );
                 }
             }
             None => warn_ratelimited!("virtio-mmio: notification for nonexistent queue {v}"),

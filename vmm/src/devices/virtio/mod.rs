@@ -37,17 +37,15 @@ pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_util;
 
-
-
 pub use config::{BalloonConfig, DiskConfig, MacAddr, NetConfig, RngConfig};
 pub use device::VirtioDevice;
+pub use event_loop::{EventLoopError, EventLoopHandle};
+pub use manager::{DeviceInfo, EventRegistrar, ManagerError, VirtioDevices};
 
-
-
+pub use balloon::{Balloon, BalloonHandle, BalloonStats};
+pub use block::Block;
 pub use net::Net;
 pub use rng::Rng;
-pub use block::Block;
-pub use balloon::{Balloon, BalloonHandle, BalloonStats};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};

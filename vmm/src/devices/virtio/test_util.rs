@@ -2,9 +2,12 @@
 //! on virtio-queue's mock, and a harness that brings a device up through its
 //! MMIO registers exactly as a Linux driver does.
 
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -19,6 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::device::VirtioDevice;
 use super::interrupt::Interrupt;
 use super::mmio::*;
+use super::net::NetBackend;
 use crate::devices::bus::BusDevice;
 
 pub const MEM_SIZE: usize = 16 << 20;
@@ -128,7 +132,10 @@ impl<'a> GuestQueue<'a> {
     /// Puts `head` in the available ring, whatever it is.
     pub fn push_avail(&self, head: u16) {
         let idx = self.avail_idx();
-        let pos = self.mock.avail_addr().unchecked_add(4 + 2 * u64::from(idx % self.size));
+        let pos = self
+            .mock
+            .avail_addr()
+            .unchecked_add(4 + 2 * u64::from(idx % self.size));
         self.mem.write_obj(head, pos).unwrap();
         self.set_avail_idx(idx.wrapping_add(1));
     }
@@ -151,7 +158,9 @@ impl<'a> GuestQueue<'a> {
 
     /// The used ring entry at position `i`: (head, bytes written).
     pub fn used(&self, i: u16) -> (u32, u32) {
-        let at = self.used_addr.unchecked_add(4 + 8 * u64::from(i % self.size));
+        let at = self
+            .used_addr
+            .unchecked_add(4 + 8 * u64::from(i % self.size));
         let id: u32 = self.mem.read_obj(at).unwrap();
         let len: u32 = self.mem.read_obj(at.unchecked_add(4)).unwrap();
         (id, len)
@@ -222,7 +231,10 @@ impl Harness {
     pub fn negotiate(&mut self, features: u64) -> u32 {
         self.write32(REG_STATUS, 0);
         self.write32(REG_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-        self.write32(REG_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+        self.write32(
+            REG_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
         self.write32(REG_DRIVER_FEATURES_SEL, 0);
         self.write32(REG_DRIVER_FEATURES, features as u32);
         self.write32(REG_DRIVER_FEATURES_SEL, 1);
@@ -276,6 +288,63 @@ impl Harness {
     }
 }
 
+/// A virtio-net backend on one end of a SOCK_SEQPACKET pair (frame
+/// boundaries survive, as on a TAP fd); the test holds the other end.
+pub struct SockBackend {
+    pub file: File,
+    /// Every TUN_F_* set the device asked for, in order.
+    pub offloads: Arc<Mutex<Vec<u32>>>,
+}
+
+impl NetBackend for SockBackend {
+    fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
+        self.file.write(frame)
+    }
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        self.offloads.lock().unwrap().push(flags);
+        Ok(())
+    }
+}
+
+/// A non-blocking SOCK_SEQPACKET socket pair.
+pub fn socketpair() -> (File, File) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array we pass.
+    let ret = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(ret, 0);
+    // SAFETY: both fds are fresh and owned by nobody else.
+    unsafe {
+        (
+            File::from(OwnedFd::from_raw_fd(fds[0])),
+            File::from(OwnedFd::from_raw_fd(fds[1])),
+        )
+    }
+}
+
+/// Waits up to `ms` for `fd` to become readable.
+pub fn wait_readable(fd: RawFd, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
+}
+
 /// An address far outside guest memory.
 pub const FAR: u64 = 0xffff_0000_0000;
 /// Scratch area for indirect tables built by the battery.
@@ -292,11 +361,15 @@ fn hostile_chains() -> Vec<(&'static str, fn(u16, u16) -> RawChain)> {
     const INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
     vec![
         ("readable self-loop", |f, _| vec![(DATA, 64, NEXT, f)]),
-        ("writable self-loop", |f, _| vec![(DATA, 64, NEXT | WRITE, f)]),
+        ("writable self-loop", |f, _| {
+            vec![(DATA, 64, NEXT | WRITE, f)]
+        }),
         ("two-descriptor loop", |f, _| {
             vec![(DATA, 512, NEXT, f + 1), (DATA + 512, 512, NEXT | WRITE, f)]
         }),
-        ("next index past the table", |_, s| vec![(DATA, 64, NEXT, s + 5)]),
+        ("next index past the table", |_, s| {
+            vec![(DATA, 64, NEXT, s + 5)]
+        }),
         ("readable buffer outside memory", |f, _| {
             vec![(FAR, 512, NEXT, f + 1), (DATA, 16, WRITE, 0)]
         }),
@@ -304,16 +377,29 @@ fn hostile_chains() -> Vec<(&'static str, fn(u16, u16) -> RawChain)> {
             vec![(DATA, 16, NEXT, f + 1), (FAR, 512, WRITE, 0)]
         }),
         ("readable buffer across the end of memory", |f, _| {
-            vec![(MEM_SIZE as u64 - 8, 4096, NEXT, f + 1), (DATA, 16, WRITE, 0)]
+            vec![
+                (MEM_SIZE as u64 - 8, 4096, NEXT, f + 1),
+                (DATA, 16, WRITE, 0),
+            ]
         }),
         ("writable buffer across the end of memory", |f, _| {
-            vec![(DATA, 16, NEXT, f + 1), (MEM_SIZE as u64 - 8, 4096, WRITE, 0)]
+            vec![
+                (DATA, 16, NEXT, f + 1),
+                (MEM_SIZE as u64 - 8, 4096, WRITE, 0),
+            ]
         }),
         ("address overflow", |f, _| {
-            vec![(u64::MAX - 8, 64, NEXT, f + 1), (u64::MAX - 8, 64, WRITE, 0)]
+            vec![
+                (u64::MAX - 8, 64, NEXT, f + 1),
+                (u64::MAX - 8, 64, WRITE, 0),
+            ]
         }),
-        ("zero-length buffers", |f, _| vec![(DATA, 0, NEXT, f + 1), (DATA, 0, WRITE, 0)]),
-        ("only readable buffers", |f, _| vec![(DATA, 16, NEXT, f + 1), (DATA + 16, 16, 0, 0)]),
+        ("zero-length buffers", |f, _| {
+            vec![(DATA, 0, NEXT, f + 1), (DATA, 0, WRITE, 0)]
+        }),
+        ("only readable buffers", |f, _| {
+            vec![(DATA, 16, NEXT, f + 1), (DATA + 16, 16, 0, 0)]
+        }),
         ("only writable buffers", |f, _| {
             vec![(DATA, 16, WRITE | NEXT, f + 1), (DATA + 16, 16, WRITE, 0)]
         }),
@@ -330,10 +416,18 @@ fn hostile_chains() -> Vec<(&'static str, fn(u16, u16) -> RawChain)> {
                 (DATA, 0x8000_0000, WRITE, 0),
             ]
         }),
-        ("indirect table of odd length", |_, _| vec![(IND, 15, INDIRECT, 0)]),
-        ("indirect table outside memory", |_, _| vec![(FAR, 64, INDIRECT, 0)]),
-        ("indirect table that loops", |_, _| vec![(IND, 32, INDIRECT, 0)]),
-        ("nested indirect table", |_, _| vec![(IND + 0x100, 16, INDIRECT, 0)]),
+        ("indirect table of odd length", |_, _| {
+            vec![(IND, 15, INDIRECT, 0)]
+        }),
+        ("indirect table outside memory", |_, _| {
+            vec![(FAR, 64, INDIRECT, 0)]
+        }),
+        ("indirect table that loops", |_, _| {
+            vec![(IND, 32, INDIRECT, 0)]
+        }),
+        ("nested indirect table", |_, _| {
+            vec![(IND + 0x100, 16, INDIRECT, 0)]
+        }),
         ("indirect after a direct descriptor", |f, _| {
             vec![(DATA, 16, NEXT, f + 1), (IND, 32, INDIRECT, 0)]
         }),
@@ -360,10 +454,15 @@ pub fn hostile_battery(
     let desc = |addr: u64, len: u32, flags: u16, next: u16| {
         RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
     };
-    mem.write_obj(desc(DATA, 64, NEXT | WRITE, 1), GuestAddress(IND)).unwrap();
-    mem.write_obj(desc(DATA, 64, NEXT, 0), GuestAddress(IND + 16)).unwrap();
-    mem.write_obj(desc(IND + 0x100, 16, INDIRECT, 0), GuestAddress(IND + 0x100))
+    mem.write_obj(desc(DATA, 64, NEXT | WRITE, 1), GuestAddress(IND))
         .unwrap();
+    mem.write_obj(desc(DATA, 64, NEXT, 0), GuestAddress(IND + 16))
+        .unwrap();
+    mem.write_obj(
+        desc(IND + 0x100, 16, INDIRECT, 0),
+        GuestAddress(IND + 0x100),
+    )
+    .unwrap();
 
     for (name, build) in hostile_chains() {
         eprintln!("hostile chain: {name}");
@@ -380,7 +479,10 @@ pub fn hostile_battery(
 
     q.push_avail(q.size + 7);
     kick(h);
-    assert!(h.transport.is_active(), "head past the queue: device stopped");
+    assert!(
+        h.transport.is_active(),
+        "head past the queue: device stopped"
+    );
     check(h, q);
 
     // An available index a whole queue ahead of the device: the ring is
@@ -388,9 +490,16 @@ pub fn hostile_battery(
     let used_before = q.used_idx();
     q.set_avail_idx(q.avail_idx().wrapping_add(q.size + 1));
     kick(h);
-    assert!(!h.transport.is_active(), "corrupt avail idx: device still active");
+    assert!(
+        !h.transport.is_active(),
+        "corrupt avail idx: device still active"
+    );
     assert_ne!(h.read32(REG_STATUS) & 0x40, 0, "DEVICE_NEEDS_RESET not set");
-    assert_eq!(q.used_idx(), used_before, "chains served from a corrupt ring");
+    assert_eq!(
+        q.used_idx(),
+        used_before,
+        "chains served from a corrupt ring"
+    );
     kick(h);
     assert_eq!(q.used_idx(), used_before);
 }

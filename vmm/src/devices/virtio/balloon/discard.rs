@@ -25,7 +25,10 @@ pub fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<u64, Discard
     if len == 0 {
         return Ok(0);
     }
-    if !mem.check_range(GuestAddress(gpa), usize::try_from(len).map_err(|_| outside)?) {
+    if !mem.check_range(
+        GuestAddress(gpa),
+        usize::try_from(len).map_err(|_| outside)?,
+    ) {
         return Err(outside);
     }
     let start = gpa.div_ceil(PAGE_SIZE) * PAGE_SIZE;
@@ -72,14 +75,18 @@ mod tests {
 
     fn mem() -> GuestMemoryMmap {
         // Two regions with a hole between them, like RAM around the MMIO gap.
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000), (GuestAddress(0x20_0000), 0x10_0000)])
-            .unwrap()
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x20_0000), 0x10_0000),
+        ])
+        .unwrap()
     }
 
     #[test]
     fn discarded_pages_read_as_zero_and_neighbours_survive() {
         let m = mem();
-        m.write_slice(&[0xaa; 0x4000], GuestAddress(0x1000)).unwrap();
+        m.write_slice(&[0xaa; 0x4000], GuestAddress(0x1000))
+            .unwrap();
         assert_eq!(discard(&m, 0x2000, 0x2000), Ok(0x2000));
         let mut b = [0u8; 0x4000];
         m.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
@@ -91,7 +98,8 @@ mod tests {
     #[test]
     fn partial_pages_at_the_edges_are_kept() {
         let m = mem();
-        m.write_slice(&[0xbb; 0x3000], GuestAddress(0x5000)).unwrap();
+        m.write_slice(&[0xbb; 0x3000], GuestAddress(0x5000))
+            .unwrap();
         assert_eq!(discard(&m, 0x5800, 0x1000), Ok(0));
         assert_eq!(discard(&m, 0x5800, 0x2000), Ok(0x1000));
         let mut b = [0u8; 0x3000];
@@ -104,7 +112,8 @@ mod tests {
     #[test]
     fn ranges_not_wholly_in_ram_are_refused_untouched() {
         let m = mem();
-        m.write_slice(&[0xcc; 0x1000], GuestAddress(0xf_f000)).unwrap();
+        m.write_slice(&[0xcc; 0x1000], GuestAddress(0xf_f000))
+            .unwrap();
         // Runs into the hole.
         assert!(discard(&m, 0xf_f000, 0x2000).is_err());
         let mut b = [0u8; 0x1000];

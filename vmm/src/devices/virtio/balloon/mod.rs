@@ -217,7 +217,9 @@ impl Balloon {
         };
         let count = reader.available_bytes() / 4;
         if count > MAX_PFNS_PER_CHAIN {
-            warn_ratelimited!("virtio-balloon: {count} PFNs in one chain; using the first {MAX_PFNS_PER_CHAIN}");
+            warn_ratelimited!(
+                "virtio-balloon: {count} PFNs in one chain; using the first {MAX_PFNS_PER_CHAIN}"
+            );
         }
         // Inflate drops the pages; deflate only checks them, for the count.
         let apply = |gpa: u64, len: u64| {
@@ -312,7 +314,9 @@ impl Balloon {
                             .stats_updates
                             .fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(_) => warn_ratelimited!("virtio-balloon: stats buffer outside guest memory"),
+                    Err(_) => {
+                        warn_ratelimited!("virtio-balloon: stats buffer outside guest memory")
+                    }
                 }
                 self.stats_head = Some(head);
             }

@@ -74,7 +74,10 @@ fn features_and_queues_follow_the_config() {
     let mem = guest_mem();
     let (b, _) = Balloon::new(&BalloonConfig::default(), &mem).unwrap();
     assert_eq!(b.queue_max_sizes().len(), 2);
-    assert_eq!(b.features() & (STATS | REPORTING | 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM), 0);
+    assert_eq!(
+        b.features() & (STATS | REPORTING | 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM),
+        0
+    );
     let (b, _) = Balloon::new(&cfg(5, true), &mem).unwrap();
     assert_eq!(b.queue_max_sizes().len(), 4);
     assert_eq!(
@@ -176,19 +179,30 @@ fn target_and_actual_go_through_config_space() {
     assert_eq!(u.handle.target_mib(), 4);
     assert_eq!(u.h.config(0, 4), 1024u32.to_le_bytes());
     // The event loop sees the handle's event and interrupts the guest.
-    let gen = u.h.read32(crate::devices::virtio::mmio::REG_CONFIG_GENERATION);
+    let gen =
+        u.h.read32(crate::devices::virtio::mmio::REG_CONFIG_GENERATION);
     u.h.transport.handle_event(EVT_TARGET);
     assert_eq!(u.h.read32(REG_INTERRUPT_STATUS), 2);
     assert_eq!(u.h.take_irq(), 1);
-    assert_ne!(u.h.read32(crate::devices::virtio::mmio::REG_CONFIG_GENERATION), gen);
+    assert_ne!(
+        u.h.read32(crate::devices::virtio::mmio::REG_CONFIG_GENERATION),
+        gen
+    );
     // The driver reports progress in `actual`.
-    u.h.transport.write(crate::devices::virtio::mmio::REG_CONFIG + 4, &512u32.to_le_bytes());
+    u.h.transport.write(
+        crate::devices::virtio::mmio::REG_CONFIG + 4,
+        &512u32.to_le_bytes(),
+    );
     assert_eq!(u.handle.actual_pages(), 512);
     assert_eq!(u.handle.actual_mib(), 2);
     assert_eq!(u.h.config(4, 4), 512u32.to_le_bytes());
     // num_pages is the host's; odd writes are ignored.
-    u.h.transport.write(crate::devices::virtio::mmio::REG_CONFIG, &7u32.to_le_bytes());
-    u.h.transport.write(crate::devices::virtio::mmio::REG_CONFIG + 4, &[1]);
+    u.h.transport.write(
+        crate::devices::virtio::mmio::REG_CONFIG,
+        &7u32.to_le_bytes(),
+    );
+    u.h.transport
+        .write(crate::devices::virtio::mmio::REG_CONFIG + 4, &[1]);
     assert_eq!(u.handle.target_mib(), 4);
     assert_eq!(u.handle.actual_pages(), 512);
 }
@@ -200,7 +214,10 @@ fn targets_beyond_guest_ram_are_refused() {
     let ram = MEM_SIZE as u64 >> 20;
     assert_eq!(
         handle.set_target_mib(ram + 1).unwrap_err().to_string(),
-        format!("balloon target of {} MiB exceeds guest RAM of {ram} MiB", ram + 1)
+        format!(
+            "balloon target of {} MiB exceeds guest RAM of {ram} MiB",
+            ram + 1
+        )
     );
     handle.set_target_mib(ram).unwrap();
     handle.set_target_mib(0).unwrap();
@@ -241,7 +258,11 @@ fn stats_are_kept_and_the_buffer_returned_on_each_tick() {
     let mem = guest_mem();
     let mut u = up(&mem, &cfg(1, false), STATS, 3);
     assert_eq!(u.handle.stats(), None);
-    let n = stats_buffer(&mem, PFNS, &[(4, 1000), (5, 4000), (6, 2000), (7, 300), (99, 1)]);
+    let n = stats_buffer(
+        &mem,
+        PFNS,
+        &[(4, 1000), (5, 4000), (6, 2000), (7, 300), (99, 1)],
+    );
     let head = u.qs[2].add(&[r(PFNS, n)]);
     u.h.kick(2);
     let s = u.handle.stats().unwrap();
@@ -273,7 +294,9 @@ fn stats_timer_fires_at_the_configured_interval() {
     let (b, _handle) = Balloon::new(&cfg(1, false), &mem).unwrap();
     let timer_fd = b.event_sources()[EVT_STATS_TIMER].fd;
     let mut h = Harness::with_mem(b, mem.clone());
-    let qs: Vec<GuestQueue<'_>> = (0..3).map(|i| GuestQueue::new(&mem, 0x1_0000 * (i + 1), 16)).collect();
+    let qs: Vec<GuestQueue<'_>> = (0..3)
+        .map(|i| GuestQueue::new(&mem, 0x1_0000 * (i + 1), 16))
+        .collect();
     h.activate(STATS, &[&qs[0], &qs[1], &qs[2]]);
     let mut pfd = libc::pollfd {
         fd: timer_fd,
@@ -281,14 +304,22 @@ fn stats_timer_fires_at_the_configured_interval() {
         revents: 0,
     };
     // SAFETY: one valid pollfd for the duration of the call.
-    assert_eq!(unsafe { libc::poll(&mut pfd, 1, 3000) }, 1, "timer did not fire");
+    assert_eq!(
+        unsafe { libc::poll(&mut pfd, 1, 3000) },
+        1,
+        "timer did not fire"
+    );
     h.transport.handle_event(EVT_STATS_TIMER);
     // SAFETY: as above.
     assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 0, "expiry consumed");
     // A reset stops the timer.
     h.write32(crate::devices::virtio::mmio::REG_STATUS, 0);
     // SAFETY: as above.
-    assert_eq!(unsafe { libc::poll(&mut pfd, 1, 1300) }, 0, "timer still running after reset");
+    assert_eq!(
+        unsafe { libc::poll(&mut pfd, 1, 1300) },
+        0,
+        "timer still running after reset"
+    );
 }
 
 #[test]
@@ -312,12 +343,19 @@ fn free_page_reports_drop_whole_pages_in_ram() {
     for i in 0..4 {
         u.fill(p + i, 0x42);
     }
-    let head = u.qs[2].add(&[w(p * PAGE_SIZE, 2 * PAGE_SIZE as u32), w(FAR, 4096), w((p + 3) * PAGE_SIZE, 4096)]);
+    let head = u.qs[2].add(&[
+        w(p * PAGE_SIZE, 2 * PAGE_SIZE as u32),
+        w(FAR, 4096),
+        w((p + 3) * PAGE_SIZE, 4096),
+    ]);
     u.h.kick(2);
     assert_eq!(u.qs[2].last_used(), (u32::from(head), 0));
     assert!(u.page_is(p, 0) && u.page_is(p + 1, 0) && u.page_is(p + 3, 0));
     assert!(u.page_is(p + 2, 0x42));
-    assert_eq!(u.counters().reported_bytes.load(Ordering::Relaxed), 3 * PAGE_SIZE);
+    assert_eq!(
+        u.counters().reported_bytes.load(Ordering::Relaxed),
+        3 * PAGE_SIZE
+    );
     assert_eq!(u.counters().invalid_reports.load(Ordering::Relaxed), 1);
 }
 
@@ -329,11 +367,21 @@ fn reset_forgets_the_held_stats_buffer() {
     u.qs[2].add(&[r(PFNS, n)]);
     u.h.kick(2);
     u.h.write32(crate::devices::virtio::mmio::REG_STATUS, 0);
-    let qs: Vec<GuestQueue<'_>> = (0..3).map(|i| GuestQueue::new(&mem, 0x10_0000 + 0x1_0000 * i, 16)).collect();
+    let qs: Vec<GuestQueue<'_>> = (0..3)
+        .map(|i| GuestQueue::new(&mem, 0x10_0000 + 0x1_0000 * i, 16))
+        .collect();
     u.h.activate(STATS, &[&qs[0], &qs[1], &qs[2]]);
     u.h.transport.handle_event(EVT_STATS_TIMER);
-    assert_eq!(qs[2].used_idx(), 0, "old buffer must not be returned into the new ring");
-    assert_eq!(u.handle.stats().unwrap().free_memory, Some(1), "numbers survive");
+    assert_eq!(
+        qs[2].used_idx(),
+        0,
+        "old buffer must not be returned into the new ring"
+    );
+    assert_eq!(
+        u.handle.stats().unwrap().free_memory,
+        Some(1),
+        "numbers survive"
+    );
 }
 
 fn battery(q: usize, features: u64, cfg: BalloonConfig) {

@@ -76,10 +76,12 @@ impl DiskImage {
             Err(LockError::Io(source)) => return Err(ImageError::Lock { path, source }),
         }
         // Seeking to the end also sizes block devices, whose metadata says 0.
-        let bytes = file.seek(SeekFrom::End(0)).map_err(|source| ImageError::Size {
-            path: path.clone(),
-            source,
-        })?;
+        let bytes = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| ImageError::Size {
+                path: path.clone(),
+                source,
+            })?;
         if bytes % SECTOR_SIZE != 0 {
             log::warn!(
                 "disk image {}: size {bytes} is not a multiple of {SECTOR_SIZE}; the last {} bytes are not visible to the guest",

@@ -105,15 +105,21 @@ mod tests {
         assert_eq!(find_holder(locks, dev_fe00, 5308498, 1), Some(3736));
         assert_eq!(find_holder(locks, 0x0811, 42, 1), Some(26420));
         assert_eq!(find_holder(locks, dev_fe00, 43, 1), None);
-        assert_eq!(find_holder(locks, dev_fe00, 42, 1234), Some(1234), "our own lock");
+        assert_eq!(
+            find_holder(locks, dev_fe00, 42, 1234),
+            Some(1234),
+            "our own lock"
+        );
         assert_eq!(find_holder("garbage\n\n1:\n", dev_fe00, 42, 1), None);
     }
 
     #[test]
     fn dev_t_split_matches_glibc() {
-        // makedev(259, 65536 + 3): both halves of both numbers in use.
-        let dev: u64 = (259 & 0xfff) << 8 | (259 & !0xfff) << 32 | (65539 & 0xff) | (65539 & !0xff) << 12;
-        assert_eq!(dev_major(dev), 259);
-        assert_eq!(dev_minor(dev), 65539);
+        // glibc's makedev, with both halves of both numbers in use.
+        let (major, minor): (u64, u64) = (0x1_2345, 0x67_89ab);
+        let dev =
+            (major & 0xfff) << 8 | (major & !0xfff) << 32 | (minor & 0xff) | (minor & !0xff) << 12;
+        assert_eq!(dev_major(dev), major);
+        assert_eq!(dev_minor(dev), minor);
     }
 }

@@ -77,19 +77,47 @@ fn put<const N: usize>(cfg: &mut [u8], at: usize, bytes: [u8; N]) {
 
 fn build_config(capacity: u64) -> [u8; CONFIG_LEN] {
     let mut c = [0u8; CONFIG_LEN];
-    put(&mut c, offset_of!(virtio_blk_config, capacity), capacity.to_le_bytes());
+    put(
+        &mut c,
+        offset_of!(virtio_blk_config, capacity),
+        capacity.to_le_bytes(),
+    );
     // Data segments per request: the chain also holds header and status.
     let seg_max = u32::from(QUEUE_SIZE) - 2;
-    put(&mut c, offset_of!(virtio_blk_config, seg_max), seg_max.to_le_bytes());
-    put(&mut c, offset_of!(virtio_blk_config, blk_size), 512u32.to_le_bytes());
-    put(&mut c, offset_of!(virtio_blk_config, num_queues), 1u16.to_le_bytes());
+    put(
+        &mut c,
+        offset_of!(virtio_blk_config, seg_max),
+        seg_max.to_le_bytes(),
+    );
+    put(
+        &mut c,
+        offset_of!(virtio_blk_config, blk_size),
+        512u32.to_le_bytes(),
+    );
+    put(
+        &mut c,
+        offset_of!(virtio_blk_config, num_queues),
+        1u16.to_le_bytes(),
+    );
     for (field, value) in [
-        (offset_of!(virtio_blk_config, max_discard_sectors), MAX_DISCARD_SECTORS),
-        (offset_of!(virtio_blk_config, max_discard_seg), MAX_DISCARD_SEGMENTS),
+        (
+            offset_of!(virtio_blk_config, max_discard_sectors),
+            MAX_DISCARD_SECTORS,
+        ),
+        (
+            offset_of!(virtio_blk_config, max_discard_seg),
+            MAX_DISCARD_SEGMENTS,
+        ),
         // Holes are made in file system blocks: advertise 4 KiB granularity.
         (offset_of!(virtio_blk_config, discard_sector_alignment), 8),
-        (offset_of!(virtio_blk_config, max_write_zeroes_sectors), MAX_DISCARD_SECTORS),
-        (offset_of!(virtio_blk_config, max_write_zeroes_seg), MAX_DISCARD_SEGMENTS),
+        (
+            offset_of!(virtio_blk_config, max_write_zeroes_sectors),
+            MAX_DISCARD_SECTORS,
+        ),
+        (
+            offset_of!(virtio_blk_config, max_write_zeroes_seg),
+            MAX_DISCARD_SEGMENTS,
+        ),
     ] {
         put(&mut c, field, value.to_le_bytes());
     }

@@ -114,7 +114,13 @@ fn fail_without_writer(mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
         .checked_sub(1)
         .and_then(|off| last.addr().0.checked_add(u64::from(off)));
     match status_addr {
-        Some(a) if mem.write_obj(VIRTIO_BLK_S_IOERR as u8, vm_memory::GuestAddress(a)).is_ok() => 1,
+        Some(a)
+            if mem
+                .write_obj(VIRTIO_BLK_S_IOERR as u8, vm_memory::GuestAddress(a))
+                .is_ok() =>
+        {
+            1
+        }
         _ => 0,
     }
 }

@@ -160,9 +160,15 @@ fn reads_into_guest_memory() {
     );
     assert_eq!(u.guest(BUF, 512), expected(10, 512));
     assert_eq!(u.guest(BUF + 0x10000, 1536), expected(11, 1536));
-    assert_eq!(u.request(VIRTIO_BLK_T_IN, 0, &[w(BUF, 256 * 512)]), (OK, 256 * 512 + 1));
+    assert_eq!(
+        u.request(VIRTIO_BLK_T_IN, 0, &[w(BUF, 256 * 512)]),
+        (OK, 256 * 512 + 1)
+    );
     assert_eq!(u.guest(BUF, 256 * 512), expected(0, 256 * 512));
-    assert_eq!(u.counters.read_bytes.load(Ordering::Relaxed), (2 + 4 + 256) * 512);
+    assert_eq!(
+        u.counters.read_bytes.load(Ordering::Relaxed),
+        (2 + 4 + 256) * 512
+    );
     assert_eq!(u.h.take_irq(), 3, "one interrupt per kick");
 }
 
@@ -233,7 +239,10 @@ fn read_only_disks_refuse_every_kind_of_write() {
     assert_eq!(u.request(VIRTIO_BLK_T_OUT, 0, &[r(BUF, 512)]).0, IOERR);
     let n = u.segments(&[(0, 8, 0)]);
     assert_eq!(u.request(VIRTIO_BLK_T_DISCARD, 0, &[r(BUF, n)]).0, IOERR);
-    assert_eq!(u.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[r(BUF, n)]).0, IOERR);
+    assert_eq!(
+        u.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[r(BUF, n)]).0,
+        IOERR
+    );
     assert_eq!(u.request(VIRTIO_BLK_T_FLUSH, 0, &[]).0, OK);
     assert_eq!(u.request(VIRTIO_BLK_T_IN, 0, &[w(BUF, 512)]).0, OK);
     assert_eq!(std::fs::read(&p).unwrap(), before);
@@ -260,8 +269,15 @@ fn out_of_range_and_partial_sectors_are_io_errors() {
         assert_eq!(u.request(t, sector, &[d]).0, IOERR, "case {i}");
     }
     // The last sector is fine.
-    assert_eq!(u.request(VIRTIO_BLK_T_IN, SECTORS - 1, &[w(BUF, 512)]).0, OK);
-    assert_eq!(std::fs::metadata(&p).unwrap().len(), SECTORS * 512, "file not grown");
+    assert_eq!(
+        u.request(VIRTIO_BLK_T_IN, SECTORS - 1, &[w(BUF, 512)]).0,
+        OK
+    );
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        SECTORS * 512,
+        "file not grown"
+    );
 }
 
 #[test]
@@ -274,7 +290,10 @@ fn discard_punches_holes_and_write_zeroes_zeroes() {
     let n = u.segments(&[(0, 128, 0)]);
     assert_eq!(u.request(VIRTIO_BLK_T_DISCARD, 0, &[r(BUF, n)]), (OK, 1));
     let n = u.segments(&[(200, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP), (240, 1, 0)]);
-    assert_eq!(u.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[r(BUF, n)]), (OK, 1));
+    assert_eq!(
+        u.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[r(BUF, n)]),
+        (OK, 1)
+    );
     let f = std::fs::read(&p).unwrap();
     assert_eq!(f.len() as u64, SECTORS * 512, "size kept");
     assert!(f[200 * 512..208 * 512].iter().all(|&b| b == 0));
@@ -294,18 +313,50 @@ fn malformed_discards() {
     let mem = guest_mem();
     let mut u = up(&mem, &cfg(&p));
     let n = u.segments(&[(0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)]);
-    assert_eq!(u.request(VIRTIO_BLK_T_DISCARD, 0, &[r(BUF, n)]).0, UNSUPP, "unmap on discard");
+    assert_eq!(
+        u.request(VIRTIO_BLK_T_DISCARD, 0, &[r(BUF, n)]).0,
+        UNSUPP,
+        "unmap on discard"
+    );
     let n = u.segments(&[(0, 8, 2)]);
-    assert_eq!(u.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[r(BUF, n)]).0, UNSUPP);
-    assert_eq!(u.request(VIRTIO_BLK_T_DISCARD, 0, &[r(BUF, 15)]).0, IOERR, "partial segment");
-    assert_eq!(u.request(VIRTIO_BLK_T_DISCARD, 0, &[]).0, IOERR, "no segment");
+    assert_eq!(
+        u.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[r(BUF, n)]).0,
+        UNSUPP
+    );
+    assert_eq!(
+        u.request(VIRTIO_BLK_T_DISCARD, 0, &[r(BUF, 15)]).0,
+        IOERR,
+        "partial segment"
+    );
+    assert_eq!(
+        u.request(VIRTIO_BLK_T_DISCARD, 0, &[]).0,
+        IOERR,
+        "no segment"
+    );
     let many = vec![(0u64, 1u32, 0u32); MAX_DISCARD_SEGMENTS as usize + 1];
     let n = u.segments(&many);
-    assert_eq!(u.request(VIRTIO_BLK_T_DISCARD, 0, &[r(BUF, n)]).0, IOERR, "too many");
-    for seg in [(SECTORS, 1, 0), (SECTORS - 1, 2, 0), (u64::MAX, 1, 0), (0, u32::MAX, 0)] {
+    assert_eq!(
+        u.request(VIRTIO_BLK_T_DISCARD, 0, &[r(BUF, n)]).0,
+        IOERR,
+        "too many"
+    );
+    for seg in [
+        (SECTORS, 1, 0),
+        (SECTORS - 1, 2, 0),
+        (u64::MAX, 1, 0),
+        (0, u32::MAX, 0),
+    ] {
         let n = u.segments(&[seg]);
-        assert_eq!(u.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[r(BUF, n)]).0, IOERR, "{seg:?}");
-        assert_eq!(u.request(VIRTIO_BLK_T_DISCARD, 0, &[r(BUF, n)]).0, IOERR, "{seg:?}");
+        assert_eq!(
+            u.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[r(BUF, n)]).0,
+            IOERR,
+            "{seg:?}"
+        );
+        assert_eq!(
+            u.request(VIRTIO_BLK_T_DISCARD, 0, &[r(BUF, n)]).0,
+            IOERR,
+            "{seg:?}"
+        );
     }
     assert_eq!(std::fs::read(&p).unwrap()[..512], expected(0, 512)[..]);
 }
@@ -318,7 +369,10 @@ fn unnegotiated_and_unknown_requests_are_unsupported() {
     let mut u = up_with(&mem, &cfg(&p), 0);
     let n = u.segments(&[(0, 8, 0)]);
     assert_eq!(u.request(VIRTIO_BLK_T_DISCARD, 0, &[r(BUF, n)]).0, UNSUPP);
-    assert_eq!(u.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[r(BUF, n)]).0, UNSUPP);
+    assert_eq!(
+        u.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[r(BUF, n)]).0,
+        UNSUPP
+    );
     assert_eq!(u.request(VIRTIO_BLK_T_SCSI_CMD, 0, &[]).0, UNSUPP);
     assert_eq!(u.request(0xdead_beef, 0, &[]).0, UNSUPP);
     assert_eq!(u.counters.unsupported.load(Ordering::Relaxed), 4);
@@ -396,7 +450,10 @@ fn writable_images_are_exclusive_and_read_only_ones_shared() {
     drop(first);
     let r1 = Block::new(&ro).unwrap();
     let _r2 = Block::new(&ro).unwrap();
-    assert!(Block::new(&cfg(&p)).is_err(), "writer while readers hold it");
+    assert!(
+        Block::new(&cfg(&p)).is_err(),
+        "writer while readers hold it"
+    );
     drop((r1, _r2));
     Block::new(&cfg(&p)).unwrap();
 }
@@ -435,7 +492,10 @@ fn a_lock_held_by_another_process_names_its_pid() {
     let _ = child.wait();
     assert!(err.contains(&p.display().to_string()), "{err}");
     assert!(err.contains("lock held by pid "), "{err}");
-    assert!(!err.contains(&format!("pid {}", std::process::id())), "{err}");
+    assert!(
+        !err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
 }
 
 #[test]
@@ -443,7 +503,10 @@ fn open_errors_name_the_path() {
     let dir = TempDir::new();
     let missing = dir.path().join("missing.img");
     let e = Block::new(&cfg(&missing)).err().unwrap().to_string();
-    assert!(e.starts_with(&format!("cannot open disk image {}", missing.display())), "{e}");
+    assert!(
+        e.starts_with(&format!("cannot open disk image {}", missing.display())),
+        "{e}"
+    );
     let e = Block::new(&cfg(dir.path())).err().unwrap().to_string();
     assert!(e.contains(&dir.path().display().to_string()), "{e}");
 }

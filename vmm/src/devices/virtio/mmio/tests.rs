@@ -35,10 +35,18 @@ impl VirtioDevice for Dummy {
         COMMON_FEATURES | DUMMY_FEATURE
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&[0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17], offset, data);
+        read_config_bytes(
+            &[0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17],
+            offset,
+            data,
+        );
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        self.0.lock().unwrap().config_writes.push((offset, data.to_vec()));
+        self.0
+            .lock()
+            .unwrap()
+            .config_writes
+            .push((offset, data.to_vec()));
     }
     fn activate(&mut self, acked: u64) -> Result<(), ActivateError> {
         let mut log = self.0.lock().unwrap();
@@ -138,7 +146,11 @@ fn feature_writes_outside_negotiation_are_ignored() {
     h.write32(REG_STATUS, S_ACK);
     h.write32(REG_STATUS, S_ACK | S_DRIVER);
     h.write32(REG_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-    assert_eq!(h.read32(REG_STATUS) & S_FEATURES_OK, 0, "VERSION_1 was never acked");
+    assert_eq!(
+        h.read32(REG_STATUS) & S_FEATURES_OK,
+        0,
+        "VERSION_1 was never acked"
+    );
 
     let mem = h.mem.clone();
     let q = GuestQueue::new(&mem, 0x1_0000, 16);
@@ -158,14 +170,22 @@ fn status_bits_must_come_in_order_and_never_clear() {
     h.write32(REG_STATUS, S_ACK | S_FEATURES_OK);
     assert_eq!(h.read32(REG_STATUS), S_ACK, "FEATURES_OK before DRIVER");
     h.write32(REG_STATUS, S_ACK | S_DRIVER | S_DRIVER_OK);
-    assert_eq!(h.read32(REG_STATUS), S_ACK | S_DRIVER, "DRIVER_OK before FEATURES_OK");
+    assert_eq!(
+        h.read32(REG_STATUS),
+        S_ACK | S_DRIVER,
+        "DRIVER_OK before FEATURES_OK"
+    );
     assert!(log.lock().unwrap().activated.is_empty());
     h.write32(REG_STATUS, S_DRIVER);
     assert_eq!(h.read32(REG_STATUS), S_ACK | S_DRIVER, "clearing ACK");
     h.write32(REG_STATUS, S_ACK | S_DRIVER | 0x100);
     assert_eq!(h.read32(REG_STATUS), S_ACK | S_DRIVER, "unknown bit");
     h.write32(REG_STATUS, S_ACK | S_DRIVER | S_NEEDS_RESET);
-    assert_eq!(h.read32(REG_STATUS), S_ACK | S_DRIVER, "NEEDS_RESET is the device's");
+    assert_eq!(
+        h.read32(REG_STATUS),
+        S_ACK | S_DRIVER,
+        "NEEDS_RESET is the device's"
+    );
     h.write32(REG_STATUS, S_ACK | S_DRIVER | S_FAILED);
     assert_eq!(h.read32(REG_STATUS), S_ACK | S_DRIVER | S_FAILED);
 }
@@ -176,7 +196,11 @@ fn queue_setup_is_validated() {
     h.write32(REG_QUEUE_SEL, 0);
     h.write32(REG_QUEUE_NUM, 8);
     h.write32(REG_QUEUE_READY, 1);
-    assert_eq!(h.read32(REG_QUEUE_READY), 0, "queue setup before FEATURES_OK");
+    assert_eq!(
+        h.read32(REG_QUEUE_READY),
+        0,
+        "queue setup before FEATURES_OK"
+    );
 
     h.negotiate(V1);
     for bad in [0, 3, 12, 32, 0x1_0008] {
@@ -187,7 +211,11 @@ fn queue_setup_is_validated() {
     h.write32(REG_QUEUE_DEVICE_LOW, 0x3_0002);
     assert_eq!(h.transport.queues[0].size(), 16, "bad sizes ignored");
     assert_eq!(h.read32(REG_QUEUE_DESC_LOW), 0, "misaligned table ignored");
-    assert_eq!(h.read32(REG_QUEUE_DRIVER_LOW), 0, "misaligned avail ignored");
+    assert_eq!(
+        h.read32(REG_QUEUE_DRIVER_LOW),
+        0,
+        "misaligned avail ignored"
+    );
     assert_eq!(h.read32(REG_QUEUE_DEVICE_LOW), 0, "misaligned used ignored");
 
     h.write32(REG_QUEUE_NUM, 4);
@@ -247,7 +275,11 @@ fn config_space_reads_at_any_width_and_writes_reach_the_device() {
     assert_eq!(h.config(2, 2), vec![0x12, 0x13]);
     assert_eq!(h.config(4, 4), vec![0x14, 0x15, 0x16, 0x17]);
     assert_eq!(h.config(0, 8), (0x10..0x18).collect::<Vec<u8>>());
-    assert_eq!(h.config(6, 4), vec![0x16, 0x17, 0, 0], "past the end reads 0");
+    assert_eq!(
+        h.config(6, 4),
+        vec![0x16, 0x17, 0, 0],
+        "past the end reads 0"
+    );
     assert_eq!(h.config(0, 3), vec![0, 0, 0], "odd width refused");
     assert_eq!(h.config(0xf00, 4), vec![0; 4]);
     h.transport.write(REG_CONFIG + 4, &[9, 9]);
@@ -281,7 +313,10 @@ fn event_idx_is_applied_to_the_queues_when_negotiated() {
     let (mut h, _) = dummy();
     let mem = h.mem.clone();
     let q = GuestQueue::new(&mem, 0x1_0000, 16);
-    h.activate(1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX, &[&q]);
+    h.activate(
+        1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
+        &[&q],
+    );
     assert!(h.transport.queues[0].event_idx_enabled());
 }
 
@@ -352,7 +387,11 @@ fn failed_activation_needs_reset_and_reset_recovers() {
     assert_ne!(h.driver_ok() & S_NEEDS_RESET, 0);
     log.lock().unwrap().fail_activation = false;
     h.activate(0, &[&q]);
-    assert_eq!(h.read32(REG_STATUS) & S_NEEDS_RESET, 0, "reset clears NEEDS_RESET");
+    assert_eq!(
+        h.read32(REG_STATUS) & S_NEEDS_RESET,
+        0,
+        "reset clears NEEDS_RESET"
+    );
 }
 
 #[test]
@@ -394,7 +433,11 @@ fn corrupt_ring_stops_the_device_until_reset() {
     assert_ne!(h.read32(REG_INTERRUPT_STATUS) & 2, 0);
     let served = log.lock().unwrap().notified.len();
     h.kick(0);
-    assert_eq!(log.lock().unwrap().notified.len(), served, "stopped device served a queue");
+    assert_eq!(
+        log.lock().unwrap().notified.len(),
+        served,
+        "stopped device served a queue"
+    );
     // Driver resets and starts over.
     let q2 = GuestQueue::new(&mem, 0x3_0000, 16);
     h.activate(0, &[&q2]);
@@ -415,7 +458,11 @@ fn busy_queue_yields_after_its_budget() {
     h.kick(0);
     let budget = crate::devices::virtio::queue::CHAIN_BUDGET as u16;
     assert_eq!(q.used_idx(), budget);
-    assert_eq!(h.transport.queue_evts[0].read().unwrap(), 1, "requeued itself");
+    assert_eq!(
+        h.transport.queue_evts[0].read().unwrap(),
+        1,
+        "requeued itself"
+    );
     assert_eq!(h.take_irq(), 1);
     h.kick(0);
     assert_eq!(q.used_idx(), 2 * budget);

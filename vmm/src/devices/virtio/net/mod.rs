@@ -17,9 +17,9 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_F_MAC,
 };
 use vm_memory::GuestMemoryMmap;
 
@@ -170,7 +170,10 @@ impl Net {
             let writer = if chain.clone().readable().next().is_some() {
                 None
             } else {
-                chain.writer(mem).ok().filter(|w| w.available_bytes() >= VNET_HDR_LEN)
+                chain
+                    .writer(mem)
+                    .ok()
+                    .filter(|w| w.available_bytes() >= VNET_HDR_LEN)
             };
             used = true;
             match writer {
@@ -313,6 +316,6 @@ impl VirtioDevice for Net {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod tap_tests;
+#[cfg(test)]
+mod tests;

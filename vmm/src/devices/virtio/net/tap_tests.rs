@@ -44,7 +44,11 @@ impl NetNs {
     fn create() -> Result<NetNs, String> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!("ksmvm-t{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "ksmvm-t{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         let out = Command::new("ip")
             .args(["netns", "add", &name])
             .output()
@@ -59,7 +63,12 @@ impl NetNs {
     }
 
     fn ip(&self, args: &[&str]) {
-        let out = Command::new("ip").arg("-n").arg(&self.0).args(args).output().unwrap();
+        let out = Command::new("ip")
+            .arg("-n")
+            .arg(&self.0)
+            .args(args)
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "ip {args:?}: {}",
@@ -108,14 +117,20 @@ fn arp_request() -> Vec<u8> {
 
 fn is_arp_reply_from_host(f: &[u8]) -> bool {
     let eth = &f[VNET_HDR_LEN.min(f.len())..];
-    eth.len() >= 42 && eth[12..14] == [0x08, 0x06] && eth[20..22] == [0, 2] && eth[28..32] == HOST_IP
+    eth.len() >= 42
+        && eth[12..14] == [0x08, 0x06]
+        && eth[20..22] == [0, 2]
+        && eth[28..32] == HOST_IP
 }
 
 #[test]
 fn tap_open_errors_are_clear() {
     let name = TapName::try_from("ksmvm-none0".to_owned()).unwrap();
     let e = Tap::open(&name).unwrap_err().to_string();
-    assert!(e.starts_with("TAP device ksmvm-none0 does not exist"), "{e}");
+    assert!(
+        e.starts_with("TAP device ksmvm-none0 does not exist"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -136,7 +151,10 @@ fn real_tap_round_trip_in_a_network_namespace() {
     let tap = ns.run_inside(move || Tap::open(&n)).unwrap();
     let n = name.clone();
     let busy = ns.run_inside(move || Tap::open(&n).unwrap_err().to_string());
-    assert_eq!(busy, "TAP device ktap0 is already attached to another process");
+    assert_eq!(
+        busy,
+        "TAP device ktap0 is already attached to another process"
+    );
     let lo = ns.run_inside(|| {
         Tap::open(&TapName::try_from("lo".to_owned()).unwrap())
             .unwrap_err()
@@ -165,10 +183,16 @@ fn real_tap_round_trip_in_a_network_namespace() {
         rx.add(&[w(b, 0x1_0000)]);
     }
     let arp = arp_request();
-    mem.write_slice(&arp, GuestAddress(DATA + 0x10_0000)).unwrap();
+    mem.write_slice(&arp, GuestAddress(DATA + 0x10_0000))
+        .unwrap();
     tx.add(&[r(DATA + 0x10_0000, arp.len() as u32)]);
     h.kick(1);
-    assert_eq!(counters.tx_frames.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        counters
+            .tx_frames
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 
     // The kernel answers the ARP request through the TAP device.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -187,11 +211,15 @@ fn real_tap_round_trip_in_a_network_namespace() {
             let (id, len) = rx.used(seen);
             seen = seen.wrapping_add(1);
             let mut f = vec![0u8; len as usize];
-            mem.read_slice(&mut f, GuestAddress(bufs[id as usize])).unwrap();
+            mem.read_slice(&mut f, GuestAddress(bufs[id as usize]))
+                .unwrap();
             got_reply |= is_arp_reply_from_host(&f);
         }
     }
-    assert!(got_reply, "no ARP reply from the host side of the TAP device");
+    assert!(
+        got_reply,
+        "no ARP reply from the host side of the TAP device"
+    );
     drop(h);
     drop(ns);
 }

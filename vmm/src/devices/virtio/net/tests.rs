@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
@@ -12,49 +11,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::devices::virtio::test_util::*;
-
-/// A SOCK_SEQPACKET pair: frame boundaries survive like on a TAP fd.
-struct SockBackend {
-    file: File,
-    offloads: Arc<Mutex<Vec<u32>>>,
-}
-
-impl NetBackend for SockBackend {
-    fn raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
-    }
-    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read(buf)
-    }
-    fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
-        self.file.write(frame)
-    }
-    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
-        self.offloads.lock().unwrap().push(flags);
-        Ok(())
-    }
-}
-
-fn socketpair() -> (File, File) {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two fds into the array we pass.
-    let ret = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(ret, 0);
-    // SAFETY: both fds are fresh and owned by nobody else.
-    unsafe {
-        (
-            File::from(OwnedFd::from_raw_fd(fds[0])),
-            File::from(OwnedFd::from_raw_fd(fds[1])),
-        )
-    }
-}
 
 const MAC: MacAddr = MacAddr([6, 1, 2, 3, 4, 5]);
 const RXQ: u64 = 0x1_0000;
@@ -181,16 +137,23 @@ fn transmits_frames_whole() {
     let mem = guest_mem();
     let mut u = up(&mem);
     let f = frame(b"hello, world: an ethernet frame of sorts");
-    mem.write_slice(&f[..VNET_HDR_LEN], GuestAddress(BUF)).unwrap();
+    mem.write_slice(&f[..VNET_HDR_LEN], GuestAddress(BUF))
+        .unwrap();
     mem.write_slice(&f[VNET_HDR_LEN..], GuestAddress(BUF + 0x1000))
         .unwrap();
-    let head = u.tx.add(&[r(BUF, VNET_HDR_LEN as u32), r(BUF + 0x1000, (f.len() - VNET_HDR_LEN) as u32)]);
+    let head = u.tx.add(&[
+        r(BUF, VNET_HDR_LEN as u32),
+        r(BUF + 0x1000, (f.len() - VNET_HDR_LEN) as u32),
+    ]);
     u.h.kick(1);
     assert_eq!(u.recv_on_host(), Some(f.clone()));
     assert_eq!(u.tx.last_used(), (u32::from(head), 0));
     assert_eq!(u.h.take_irq(), 1);
     assert_eq!(u.counters.tx_frames.load(Ordering::Relaxed), 1);
-    assert_eq!(u.counters.tx_bytes.load(Ordering::Relaxed), (f.len() - VNET_HDR_LEN) as u64);
+    assert_eq!(
+        u.counters.tx_bytes.load(Ordering::Relaxed),
+        (f.len() - VNET_HDR_LEN) as u64
+    );
 }
 
 #[test]
@@ -245,7 +208,11 @@ fn rx_waits_for_guest_buffers_and_resumes_on_notification() {
     u.h.kick(0);
     assert_eq!(u.rx.used_idx(), 3);
     for (i, f) in frames.iter().enumerate() {
-        assert_eq!(u.guest(BUF + 0x1000 * i as u64, f.len()), delivered(f), "frame {i} in order");
+        assert_eq!(
+            u.guest(BUF + 0x1000 * i as u64, f.len()),
+            delivered(f),
+            "frame {i} in order"
+        );
     }
     assert_eq!(u.counters.rx_dropped.load(Ordering::Relaxed), 0);
 }
