@@ -32,7 +32,7 @@ pub use stats::BalloonStats;
 
 use super::config::BalloonConfig;
 use super::device::{ActivateError, EventSource, VirtioDevice};
-use super::queue::{drain, Chain, QueueBroken, QueueCtx};
+use super::queue::{drain, Chain, QueueBroken, QueueCtx, CHAIN_BUDGET};
 use super::{COMMON_FEATURES, PAGE_SIZE};
 
 // virtio-bindings has no balloon header; virtio 1.2, 5.5.3.
@@ -295,9 +295,18 @@ impl Balloon {
     fn take_stats(&mut self, q: usize, ctx: &mut QueueCtx<'_>) {
         let mem = ctx.mem();
         let mut returned = false;
+        let mut taken = 0;
         let result: Result<(), QueueBroken> = (|| loop {
             ctx.disable_notification(q)?;
-            while let Some(chain) = ctx.pop(q)? {
+            loop {
+                if taken >= CHAIN_BUDGET {
+                    // A guest that refills as fast as we return buffers
+                    // must not hold the event loop.
+                    ctx.requeue(q);
+                    return Ok(());
+                }
+                let Some(chain) = ctx.pop(q)? else { break };
+                taken += 1;
                 // Linux keeps one buffer in flight; should a guest queue
                 // more, the older one goes back at once.
                 if let Some(old) = self.stats_head.take() {
