@@ -85,7 +85,11 @@ fn debian_kernel_sees_our_cmdline_and_e820_map() {
     let line = vm.expect_line("[", limit);
     assert!(line.contains("Linux version"), "{line}");
     let got = vm.expect_line_containing("Command line: ", limit);
-    assert_eq!(got.split_once("Command line: ").unwrap().1, cmdline);
+    // The VMM appends the default entropy device's parameter.
+    assert_eq!(
+        got.split_once("Command line: ").unwrap().1,
+        format!("{cmdline} virtio_mmio.device=4K@0xc0000000:5")
+    );
     // 3.5 GiB crosses the MMIO gap: three RAM ranges, one above 4 GiB.
     let mut kernel_map = Vec::new();
     while kernel_map.len() < 3 {
@@ -108,7 +112,10 @@ fn debian_kernel_sees_our_cmdline_and_e820_map() {
 fn check_map(kernel_map: &[String], stderr: &str) {
     let built: Vec<String> = stderr
         .lines()
-        .filter_map(|l| l.split_once("e820 ").map(|(_, r)| kernel_e820_line(r)))
+        .filter_map(|l| {
+            l.split_once(" e820 addr=")
+                .map(|(_, r)| kernel_e820_line(&format!("addr={r}")))
+        })
         .collect();
     assert_eq!(built.len(), 3, "{stderr}");
     assert_eq!(kernel_map, built.as_slice());

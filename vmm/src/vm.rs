@@ -18,6 +18,7 @@ use crate::config::VmConfig;
 use crate::devices::bus::lock;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::{BalloonHandle, EventLoopError, VirtioDevices};
 use crate::vcpu::{ExitOutcome, Vcpu, VcpuError, VmControl};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,8 @@ pub enum VmError {
     KickHandler(vmm_sys_util::errno::Error),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error("virtio devices: {0}")]
+    Virtio(#[from] EventLoopError),
     #[error("cannot start the API server: {0}")]
     Api(std::io::Error),
 }
@@ -45,6 +48,10 @@ pub struct Vm {
     /// Written by the i8042 when the guest resets the machine.
     pub reset_evt: EventFd,
     pub vcpus: Vec<Vcpu>,
+    /// virtio devices, started on their own event-loop thread by `run`.
+    pub virtio: VirtioDevices,
+    /// Set when the VM has a balloon: the API's handle on it.
+    pub balloon: Option<BalloonHandle>,
     /// Keeps /dev/kvm open for the VM's lifetime.
     pub _kvm: kvm_ioctls::Kvm,
 }
@@ -110,11 +117,15 @@ impl Vm {
         // dropped when run returns, after the vCPUs are joined.
         let _api = match api {
             Some(socket) => {
-                let vm = LiveVm::with_sampler(&self.config, self.control.clone(), self.mem.clone());
+                let vm = LiveVm::with_sampler(&self.config, self.control.clone(), self.mem.clone())
+                    .with_balloon(self.balloon.clone());
                 Some(ApiServer::start(socket, Arc::new(vm)).map_err(VmError::Api)?)
             }
             None => None,
         };
+
+        // Device work runs on its own thread, never on a vCPU thread.
+        let devices = self.virtio.start()?;
 
         let handles: Vec<JoinHandle<()>> = self
             .vcpus
@@ -175,6 +186,14 @@ impl Vm {
             if h.join().is_err() {
                 log::error!("a vCPU thread panicked");
             }
+        }
+        // With the vCPUs stopped no new requests arrive; the devices finish
+        // what they have (disk writes included) before the VMM exits.
+        if let Err(e) = devices.stop() {
+            log::error!("cannot stop the virtio devices: {e}");
+        }
+        if let Err(e) = devices.join() {
+            log::error!("virtio devices: {e}");
         }
         Ok(self
             .control

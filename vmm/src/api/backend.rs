@@ -4,7 +4,7 @@
 use crate::memory::MemoryError;
 use crate::stats::VmStats;
 
-use super::types::{Action, VmInfo};
+use super::types::{Action, BalloonInfo, VmInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -14,12 +14,22 @@ pub enum BackendError {
     Memory(#[from] MemoryError),
     #[error("the VM is shutting down")]
     Stopping,
+    #[error("this VM has no balloon device (start it with --balloon)")]
+    NoBalloon,
+    #[error("invalid balloon target: {0}")]
+    BalloonTarget(String),
 }
 
 pub trait VmBackend: Send + Sync {
     fn info(&self) -> VmInfo;
     fn stats(&self) -> Result<VmStats, BackendError>;
     fn act(&self, action: Action) -> Result<(), BackendError>;
+    fn balloon(&self) -> Result<BalloonInfo, BackendError> {
+        Err(BackendError::NoBalloon)
+    }
+    fn set_balloon(&self, _target_mib: u64) -> Result<(), BackendError> {
+        Err(BackendError::NoBalloon)
+    }
 }
 
 /// Samples a VM's statistics (the `stats` module's sampler in production).

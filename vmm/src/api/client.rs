@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 
 use crate::stats::VmStats;
 
-use super::types::{Action, ActionRequest, ErrorBody, VmInfo};
+use super::types::{Action, ActionRequest, BalloonInfo, BalloonRequest, ErrorBody, VmInfo};
 
 /// Responses larger than this are refused (a VM's stats are a few KiB).
 const MAX_RESPONSE_BYTES: usize = 16 << 20;
@@ -188,6 +188,15 @@ impl ApiClient {
         // Serialising a one-field struct of an enum cannot fail.
         let body = serde_json::to_vec(&ActionRequest { action }).unwrap_or_default();
         self.call("PUT", "/actions", Some(&body), 204).map(|_| ())
+    }
+
+    pub fn balloon(&self) -> Result<BalloonInfo, ClientError> {
+        self.get_json("/balloon")
+    }
+
+    pub fn set_balloon(&self, target_mib: u64) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(&BalloonRequest { target_mib }).unwrap_or_default();
+        self.call("PUT", "/balloon", Some(&body), 204).map(|_| ())
     }
 }
 

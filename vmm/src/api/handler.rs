@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::backend::{BackendError, VmBackend};
 use super::metrics;
 use super::routes::{self, Endpoint, RouteError};
-use super::types::{ActionRequest, ErrorBody};
+use super::types::{ActionRequest, BalloonRequest, ErrorBody};
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY_BYTES: u64 = 64 * 1024;
@@ -97,6 +97,8 @@ impl Reply {
 fn backend_error(e: BackendError) -> Reply {
     let status = match e {
         BackendError::Stopping => 409,
+        BackendError::NoBalloon => 404,
+        BackendError::BalloonTarget(_) => 400,
         BackendError::Stats(_) | BackendError::Memory(_) => 500,
     };
     Reply::error(status, e.to_string())
@@ -131,6 +133,20 @@ pub fn handle(vm: &dyn VmBackend, method: &str, path: &str, body: &[u8]) -> Repl
                 Err(e) => return Reply::error(400, format!("bad action request: {e}")),
             };
             match vm.act(req.action) {
+                Ok(()) => Reply::no_content(),
+                Err(e) => backend_error(e),
+            }
+        }
+        Endpoint::Balloon => match vm.balloon() {
+            Ok(b) => Reply::json(200, &b),
+            Err(e) => backend_error(e),
+        },
+        Endpoint::SetBalloon => {
+            let req: BalloonRequest = match serde_json::from_slice(body) {
+                Ok(r) => r,
+                Err(e) => return Reply::error(400, format!("bad balloon request: {e}")),
+            };
+            match vm.set_balloon(req.target_mib) {
                 Ok(()) => Reply::no_content(),
                 Err(e) => backend_error(e),
             }
@@ -213,6 +229,28 @@ mod tests {
             assert!(!error_of(&r).is_empty());
         }
         assert_eq!(vm.acts.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn balloon_routes() {
+        // A VM without a balloon says so with 404 on both methods.
+        let vm = Fake::default();
+        let r = handle(&vm, "GET", "/balloon", b"");
+        assert_eq!(r.status, 404);
+        assert!(error_of(&r).contains("--balloon"), "{}", error_of(&r));
+        let r = handle(&vm, "PUT", "/balloon", br#"{"target_mib": 8}"#);
+        assert_eq!(r.status, 404);
+        for bad in [
+            &b"{"[..],
+            br#"{"target_mib": -1}"#,
+            br#"{"target":1}"#,
+            br#"{"target_mib": 1, "x": 2}"#,
+        ] {
+            let r = handle(&vm, "PUT", "/balloon", bad);
+            assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(bad));
+        }
+        let r = handle(&vm, "DELETE", "/balloon", b"");
+        assert_eq!((r.status, r.allow.as_deref()), (405, Some("GET, PUT")));
     }
 
     #[test]

@@ -17,7 +17,8 @@ use crate::stats::{Sampler, VmStats};
 use crate::vcpu::{ExitOutcome, VmControl};
 
 use super::backend::{BackendError, StatsSource, VmBackend};
-use super::types::{Action, OnOff, VmInfo, VmState};
+use super::types::{Action, BalloonInfo, OnOff, VmInfo, VmState};
+use crate::devices::virtio::BalloonHandle;
 
 /// How old the smaps-derived figures (Pss, swap, overhead) of `/stats` may
 /// be; residency and KSM counters are read on every request (docs/stats.md).
@@ -52,6 +53,7 @@ pub struct LiveVm {
     /// concurrent merge/unmerge requests.
     ksm: Mutex<bool>,
     stats: Box<dyn StatsSource>,
+    balloon: Option<BalloonHandle>,
 }
 
 impl LiveVm {
@@ -71,6 +73,7 @@ impl LiveVm {
             mem,
             ksm: Mutex::new(config.ksm),
             stats,
+            balloon: None,
         }
     }
 
@@ -89,6 +92,12 @@ impl LiveVm {
             }
         };
         Self::new(config, control, mem, stats)
+    }
+
+    /// Serves `/balloon` through this handle (None: the VM has no balloon).
+    pub fn with_balloon(mut self, balloon: Option<BalloonHandle>) -> Self {
+        self.balloon = balloon;
+        self
     }
 
     fn set_mergeable(&self, on: bool) -> Result<(), BackendError> {
@@ -118,7 +127,38 @@ impl VmBackend for LiveVm {
     }
 
     fn stats(&self) -> Result<VmStats, BackendError> {
-        self.stats.sample()
+        let mut stats = self.stats.sample()?;
+        // The guest's own view of its memory joins the host's.
+        stats.balloon = self.balloon.as_ref().and_then(BalloonHandle::stats);
+        Ok(stats)
+    }
+
+    fn balloon(&self) -> Result<BalloonInfo, BackendError> {
+        let b = self.balloon.as_ref().ok_or(BackendError::NoBalloon)?;
+        Ok(BalloonInfo {
+            target_mib: b.target_mib(),
+            actual_mib: b.actual_mib(),
+            reported_bytes: b
+                .counters()
+                .reported_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            stats: b.stats(),
+        })
+    }
+
+    fn set_balloon(&self, target_mib: u64) -> Result<(), BackendError> {
+        let b = self.balloon.as_ref().ok_or(BackendError::NoBalloon)?;
+        if self.control.stopping() {
+            return Err(BackendError::Stopping);
+        }
+        if target_mib >= self.mem_mib {
+            return Err(BackendError::BalloonTarget(format!(
+                "{target_mib} MiB is not below the guest's {} MiB",
+                self.mem_mib
+            )));
+        }
+        b.set_target_mib(target_mib)
+            .map_err(|e| BackendError::BalloonTarget(e.to_string()))
     }
 
     fn act(&self, action: Action) -> Result<(), BackendError> {

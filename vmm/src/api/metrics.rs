@@ -248,6 +248,37 @@ impl Exposition {
             &l,
             s.effective_bytes,
         );
+        self.gauge(
+            "ksmvm_ksm_saved_bytes",
+            "What KSM saves for the VM net of its metadata; may be negative.",
+            &l,
+            s.ksm_saved_bytes,
+        );
+        let Some(b) = &s.balloon else { return };
+        self.gauge(
+            "ksmvm_guest_free_bytes",
+            "Free memory the guest reports (balloon stats queue).",
+            &l,
+            b.free_memory,
+        );
+        self.gauge(
+            "ksmvm_guest_available_bytes",
+            "Available memory the guest reports (balloon stats queue).",
+            &l,
+            b.available_memory,
+        );
+        self.gauge(
+            "ksmvm_guest_total_bytes",
+            "Total memory the guest reports (balloon stats queue).",
+            &l,
+            b.total_memory,
+        );
+        self.gauge(
+            "ksmvm_guest_disk_caches_bytes",
+            "Page cache the guest reports (balloon stats queue).",
+            &l,
+            b.disk_caches,
+        );
     }
 
     /// Host-wide KSM metrics (exporter only: a VM does not own them).

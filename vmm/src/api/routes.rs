@@ -8,6 +8,8 @@ pub enum Endpoint {
     Stats,
     Metrics,
     Actions,
+    Balloon,
+    SetBalloon,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,16 @@ pub const ROUTES: &[Route] = &[
         path: "/actions",
         method: "PUT",
         endpoint: Endpoint::Actions,
+    },
+    Route {
+        path: "/balloon",
+        method: "GET",
+        endpoint: Endpoint::Balloon,
+    },
+    Route {
+        path: "/balloon",
+        method: "PUT",
+        endpoint: Endpoint::SetBalloon,
     },
 ];
 
@@ -77,6 +89,13 @@ mod tests {
         assert_eq!(resolve("GET", "/"), Ok(Endpoint::Info));
         assert_eq!(resolve("GET", "/stats?x=1"), Ok(Endpoint::Stats));
         assert_eq!(resolve("PUT", "/actions"), Ok(Endpoint::Actions));
+        assert_eq!(resolve("PUT", "/balloon"), Ok(Endpoint::SetBalloon));
+        assert_eq!(
+            resolve("POST", "/balloon"),
+            Err(RouteError::MethodNotAllowed {
+                allow: "GET, PUT".into()
+            })
+        );
         assert_eq!(resolve("GET", "/nope"), Err(RouteError::NotFound));
         assert_eq!(resolve("GET", "/stats/"), Err(RouteError::NotFound));
         assert_eq!(

@@ -65,6 +65,24 @@ pub struct VmInfo {
     pub ksm: OnOff,
 }
 
+/// `GET /balloon`: the balloon's target, what the guest has given, and the
+/// guest's latest memory statistics (when the stats queue is on).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BalloonInfo {
+    pub target_mib: u64,
+    pub actual_mib: u64,
+    /// Bytes the guest reported free and the host dropped (free page reporting).
+    pub reported_bytes: u64,
+    pub stats: Option<crate::devices::virtio::BalloonStats>,
+}
+
+/// `PUT /balloon` body: `{"target_mib": N}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonRequest {
+    pub target_mib: u64,
+}
+
 /// `PUT /actions` body: `{"action": "..."}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -22,6 +22,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::api::runtime_dir;
 use crate::config::{SerialSink, VmConfig};
+use crate::devices::virtio::{BalloonConfig, DiskConfig, NetConfig};
 
 #[derive(Parser, Debug)]
 #[command(name = "ksmvm", version, about = "A KSM-aware microVM monitor")]
@@ -104,6 +105,18 @@ pub struct RunArgs {
     /// is $KSMVM_RUNTIME_DIR or /run/ksmvm).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// A virtio-blk disk: path=FILE[,ro=on][,id=NAME] (repeatable).
+    #[arg(long, value_name = "path=FILE[,ro=on][,id=NAME]")]
+    pub disk: Vec<DiskConfig>,
+    /// A virtio-net device on an existing TAP: tap=NAME[,mac=MAC] (repeatable).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    pub net: Vec<NetConfig>,
+    /// A virtio balloon: [deflate-on-oom=on][,free-page-reporting=on][,stats-interval-s=N].
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS")]
+    pub balloon: Option<BalloonConfig>,
+    /// The virtio entropy device.
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub rng: bool,
 }
 
 pub fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -125,6 +138,10 @@ impl RunArgs {
             vcpus: self.vcpus,
             serial: self.serial.clone(),
             ksm: self.ksm,
+            disks: self.disk.clone(),
+            nets: self.net.clone(),
+            balloon: self.balloon.clone(),
+            rng: self.rng,
         }
     }
 }

@@ -75,6 +75,9 @@ pub struct VmStats {
     /// a cheap sample; Rss and the KSM counters are always fresh.
     #[serde(default)]
     pub detail_age_ms: Option<u64>,
+    /// The guest's latest memory statistics from the balloon's stats queue.
+    #[serde(default)]
+    pub balloon: Option<crate::devices::virtio::BalloonStats>,
 }
 
 impl KsmProcessStats {
@@ -139,6 +142,7 @@ impl VmStats {
             ksm,
             process_rss,
             detail_age_ms: None,
+            balloon: None,
         }
     }
 }
