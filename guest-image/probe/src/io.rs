@@ -4,6 +4,11 @@
 use crate::entry::{probe_service, SYS_FAULT_EMULATION, SYS_FAULT_TRIPLE, SYS_IDLE, SYS_SET_CR3};
 use core::arch::asm;
 use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+/// The PIC has been programmed: sleeping until an IRQ is safe (before,
+/// an IRQ would arrive on the PIC's reset vectors, i.e. as an exception).
+static IRQS_READY: AtomicBool = AtomicBool::new(false);
 
 const COM1: u16 = 0x3f8;
 const UART_RBR_THR: u16 = COM1;
@@ -121,8 +126,9 @@ pub fn uart_enable_rx_irq() {
 }
 
 /// Initialises the 8259 pair: master vectors 0x20.., slave 0x28.., edge
-/// triggered, 8086 mode; unmasks only IRQ 4 (UART) and IRQ 2 (cascade).
-pub fn pic_init() {
+/// triggered, 8086 mode; unmasks IRQ 4 (UART), IRQ 2 (cascade) and the
+/// lines in `extra` (bit n: IRQ n; the virtio devices and the PIT).
+pub fn pic_init(extra: u16) {
     const MASTER_CMD: u16 = 0x20;
     const MASTER_DATA: u16 = 0x21;
     const SLAVE_CMD: u16 = 0xa0;
@@ -135,8 +141,15 @@ pub fn pic_init() {
     outb(SLAVE_DATA, 0x02); // ICW3: cascade identity
     outb(MASTER_DATA, 0x01); // ICW4: 8086 mode
     outb(SLAVE_DATA, 0x01);
-    outb(MASTER_DATA, !((1 << 4) | (1 << 2))); // OCW1: masks
-    outb(SLAVE_DATA, 0xff);
+    let unmask = extra | (1 << 4) | (1 << 2);
+    outb(MASTER_DATA, !(unmask as u8)); // OCW1: masks
+    outb(SLAVE_DATA, !((unmask >> 8) as u8));
+    IRQS_READY.store(true, Ordering::Relaxed);
+}
+
+/// Whether `idle` may be used (the PIC is programmed).
+pub fn irqs_ready() -> bool {
+    IRQS_READY.load(Ordering::Relaxed)
 }
 
 /// Local APIC spurious-interrupt vector register.
