@@ -163,23 +163,25 @@ impl Blk {
         self.done[slot] = false;
     }
 
-    /// Consumes used entries, marking their slots done.
-    fn reap(q: &mut Virtq, heads: &[u16; DEPTH_MAX], done: &mut [bool; DEPTH_MAX]) {
+    /// Consumes used entries, marking their slots done. The head is
+    /// forgotten at once: its descriptors are free again and may become
+    /// another slot's head before this slot is completed.
+    fn reap(q: &mut Virtq, heads: &mut [u16; DEPTH_MAX], done: &mut [bool; DEPTH_MAX]) {
         while let Some((head, _)) = q.pop_used() {
             if let Some(s) = heads.iter().position(|&h| h == head) {
                 done[s] = true;
+                heads[s] = u16::MAX;
             }
         }
     }
 
     /// Waits for the request in `slot` and returns its status.
     fn complete(&mut self, slot: usize) -> Result<Status, Error> {
-        let (q, heads, done) = (&mut self.q, &self.heads, &mut self.done);
+        let (q, heads, done) = (&mut self.q, &mut self.heads, &mut self.done);
         virtio::wait(&self.mmio, TIMEOUT_S, || {
             Self::reap(q, heads, done);
             done[slot]
         })?;
-        self.heads[slot] = u16::MAX;
         // SAFETY: the device has used the request, so it no longer writes
         // the status byte (in our header page).
         let b = unsafe { self.status_ptr(slot).read_volatile() };

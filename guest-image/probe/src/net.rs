@@ -23,6 +23,8 @@ const ETHERTYPE: u16 = 0x88b5;
 /// Most received frames handled per `poll`, so that the serial input gets
 /// its turn under a flood.
 const POLL_BUDGET: u32 = 256;
+/// Seconds an echo waits for a free transmit buffer before it is dropped.
+const ECHO_WAIT_S: u64 = 1;
 /// Seconds to wait for the device to take transmit buffers.
 const TIMEOUT_S: u64 = 5;
 
@@ -130,6 +132,16 @@ impl Net {
             self.rx_bytes += frame_len as u64;
             if self.echo && frame_len >= 14 {
                 if self.tx.num_free() == 0 {
+                    self.reclaim_tx();
+                }
+                if self.tx.num_free() == 0 {
+                    // Ring full of echoes not yet notified: hand them over
+                    // and wait (briefly) for the device to take some.
+                    self.tx.kick();
+                    tx_n = 0;
+                    let (tx, mmio) = (&self.tx, &self.mmio);
+                    // On timeout the echo is dropped (below).
+                    let _ = virtio::wait(mmio, ECHO_WAIT_S, || tx.has_used());
                     self.reclaim_tx();
                 }
                 let src = self.rx_bufs + u64::from(head) * BUF;
