@@ -312,6 +312,14 @@ impl Devices {
         devs
     }
 
+    /// IRQs 16..23 (IOAPIC only): the devices interrupt through there.
+    pub fn ioapic_irqs(&self) -> impl Iterator<Item = u32> + '_ {
+        self.list[..self.count]
+            .iter()
+            .map(|d| d.irq)
+            .filter(|irq| (16..24).contains(irq))
+    }
+
     /// The PIC lines (bits 0..15) the devices interrupt on.
     pub fn irq_mask(&self) -> u16 {
         self.list[..self.count]

@@ -170,11 +170,44 @@ pub fn lapic_enable() {
     }
 }
 
+/// IOAPIC register select and window (architectural address, mapped
+/// uncached and user-accessible with the MMIO gap).
+const IOAPIC_REGSEL: usize = 0xfec0_0000;
+const IOAPIC_WIN: usize = 0xfec0_0010;
+/// Local APIC end-of-interrupt register.
+const LAPIC_EOI: usize = 0xfee0_00b0;
+
+/// Some IRQ is routed through the IOAPIC: `idle` must send a LAPIC EOI.
+static IOAPIC_USED: AtomicBool = AtomicBool::new(false);
+
+/// Routes IOAPIC pin `irq` (the GSIs 16..23 the 8259 pair does not have)
+/// to VEC_IOAPIC on the boot CPU (APIC ID 0): fixed delivery, physical
+/// destination, active high, edge triggered (the VMM's irqfds pulse).
+/// Its gate only `iretq`s; `idle` sends the LAPIC EOI afterwards, at CPL3.
+pub fn ioapic_route(irq: u32) {
+    let sel = IOAPIC_REGSEL as *mut u32;
+    let win = IOAPIC_WIN as *mut u32;
+    // SAFETY: the IOAPIC's architectural window, identity-mapped uncached
+    // and user-accessible; 32-bit aligned accesses.
+    unsafe {
+        sel.write_volatile(0x11 + 2 * irq); // high half: destination
+        win.write_volatile(0);
+        sel.write_volatile(0x10 + 2 * irq); // low half: vector, unmasked
+        win.write_volatile(u32::from(crate::entry::VEC_IOAPIC));
+    }
+    IOAPIC_USED.store(true, Ordering::Relaxed);
+}
+
 /// Sleeps at CPL0 (`sti; hlt; cli`) until an interrupt arrives.
 pub fn idle() {
     // SAFETY: the idle service only enables interrupts around `hlt` and
     // returns, preserving every register.
     unsafe { probe_service(SYS_IDLE, 0) }
+    if IOAPIC_USED.load(Ordering::Relaxed) {
+        // SAFETY: the LAPIC page is mapped (see `lapic_enable`); an EOI
+        // with no interrupt in service is ignored.
+        unsafe { (LAPIC_EOI as *mut u32).write_volatile(0) }
+    }
 }
 
 /// Loads `pml4` into CR3 through the CPL0 service.

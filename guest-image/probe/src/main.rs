@@ -224,6 +224,9 @@ extern "C" fn probe_main(bp: u64, cpuid_ext_edx: u32) -> ! {
     let pit = if windows.count > 0 { 1 } else { 0 };
     io::pic_init(devs.irq_mask() | pit);
     io::lapic_enable();
+    for irq in devs.ioapic_irqs() {
+        io::ioapic_route(irq);
+    }
     io::uart_enable_rx_irq();
     put_str("PROBE READY\n");
     command_loop(&mut work, &mut devs)
