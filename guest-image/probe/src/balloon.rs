@@ -181,7 +181,7 @@ impl Balloon {
     }
 
     fn fill_stats(&self, mem: &MemInfo) {
-        let free = (mem.balloonable() - self.actual + mem.reported_pages) * 4096;
+        let free = (mem.balloonable().saturating_sub(self.actual) + mem.reported_pages) * 4096;
         for (i, (tag, val)) in [(S_MEMFREE, free), (S_MEMTOT, mem.ram_bytes), (S_AVAIL, free)]
             .into_iter()
             .enumerate()

@@ -62,7 +62,8 @@ pub const ID_BLOCK: u32 = 2;
 pub const ID_RNG: u32 = 4;
 pub const ID_BALLOON: u32 = 5;
 
-/// Largest queue the probe uses: the rings of 128 entries fit one page.
+/// Largest queue the probe uses: the rings of 128 entries fit one page
+/// (and `Virtq::in_flight` has a bit for each descriptor).
 pub const QUEUE_MAX: u16 = 128;
 
 /// Why a device could not be brought up or stopped working.
@@ -305,6 +306,8 @@ impl Mmio {
             num_free: size,
             avail_idx: 0,
             last_used: 0,
+            in_flight: 0,
+            bogus: 0,
         };
         for i in 0..size {
             q.set_next(i, (i + 1) % size);
@@ -337,6 +340,10 @@ pub struct Virtq {
     avail_idx: u16,
     /// Next used-ring entry to consume (free-running).
     last_used: u16,
+    /// Heads of the chains the device holds (bit per descriptor).
+    in_flight: u128,
+    /// Used entries whose id was no chain the device held (ignored).
+    pub bogus: u32,
 }
 
 impl Virtq {
@@ -402,6 +409,7 @@ impl Virtq {
             }
         }
         self.num_free -= n;
+        self.in_flight |= 1 << head;
         let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
         // SAFETY: the avail ring lies in this queue's page: flags at 0, idx
         // at 2, ring[size] from 4. The fence orders the descriptor and ring
@@ -435,25 +443,38 @@ impl Virtq {
     }
 
     /// Consumes the next used entry: returns (head, written length) and
-    /// puts the chain back on the free list.
+    /// puts the chain back on the free list. An entry whose id is no chain
+    /// the device holds is skipped (and counted in `bogus`): a broken device
+    /// must not corrupt the free list.
     pub fn pop_used(&mut self) -> Option<(u16, u32)> {
-        if !self.has_used() {
-            return None;
+        loop {
+            if !self.has_used() {
+                return None;
+            }
+            fence(Ordering::Acquire);
+            let e = self.used + 4 + 8 * u64::from(self.last_used % self.size);
+            // SAFETY: used->ring[size] of {u32 id, u32 len} from offset 4
+            // (our page); the entry is complete once used->idx covers it.
+            let (id, len) = unsafe {
+                (
+                    (e as *const u32).read_volatile(),
+                    ((e + 4) as *const u32).read_volatile(),
+                )
+            };
+            self.last_used = self.last_used.wrapping_add(1);
+            match usize::try_from(id) {
+                Ok(i) if i < usize::from(self.size) && self.in_flight & 1 << i != 0 => {
+                    self.in_flight &= !(1 << i);
+                    self.free_chain(i as u16);
+                    return Some((i as u16, len));
+                }
+                _ => self.bogus = self.bogus.saturating_add(1),
+            }
         }
-        fence(Ordering::Acquire);
-        let e = self.used + 4 + 8 * u64::from(self.last_used % self.size);
-        // SAFETY: used->ring[size] of {u32 id, u32 len} from offset 4 (our
-        // page); the entry is complete once used->idx covers it.
-        let (id, len) = unsafe {
-            (
-                (e as *const u32).read_volatile(),
-                ((e + 4) as *const u32).read_volatile(),
-            )
-        };
-        self.last_used = self.last_used.wrapping_add(1);
-        // A device that returns a bogus id must not corrupt the free list:
-        // take the id modulo the size and walk at most `size` links.
-        let head = (id % u32::from(self.size)) as u16;
+    }
+
+    /// Returns the chain at `head` to the free list.
+    fn free_chain(&mut self, head: u16) {
         let mut d = head;
         let mut n = 1;
         while self.flags_of(d) & DESC_NEXT != 0 && n < self.size {
@@ -463,7 +484,6 @@ impl Virtq {
         self.set_next(d, self.free_head);
         self.free_head = head;
         self.num_free = (self.num_free + n).min(self.size);
-        Some((head, len))
     }
 }
 
@@ -490,7 +510,9 @@ pub fn wait(mmio: &Mmio, timeout_s: u64, mut done: impl FnMut() -> bool) -> Resu
             core::hint::spin_loop();
             continue;
         }
-        mmio.ack_interrupt();
+        if mmio.ack_interrupt() & INT_CONFIG != 0 && mmio.needs_reset() {
+            return Err(Error::NeedsReset);
+        }
         if done() {
             return Ok(());
         }
