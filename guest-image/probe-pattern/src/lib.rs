@@ -361,7 +361,10 @@ mod tests {
         for (i, w) in a.iter().chain(b.iter()).enumerate() {
             bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
         }
-        assert_eq!(checksum_bytes(&bytes), expected_checksum(DOMAIN_SHARED, 1, 2));
+        assert_eq!(
+            checksum_bytes(&bytes),
+            expected_checksum(DOMAIN_SHARED, 1, 2)
+        );
         // A partial page is zero-padded.
         let mut padded = [0u64; PAGE_WORDS];
         padded[..64].copy_from_slice(&a[..64]);

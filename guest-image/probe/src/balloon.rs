@@ -182,9 +182,13 @@ impl Balloon {
 
     fn fill_stats(&self, mem: &MemInfo) {
         let free = (mem.balloonable().saturating_sub(self.actual) + mem.reported_pages) * 4096;
-        for (i, (tag, val)) in [(S_MEMFREE, free), (S_MEMTOT, mem.ram_bytes), (S_AVAIL, free)]
-            .into_iter()
-            .enumerate()
+        for (i, (tag, val)) in [
+            (S_MEMFREE, free),
+            (S_MEMTOT, mem.ram_bytes),
+            (S_AVAIL, free),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let at = self.stats_buf + STAT_LEN * i as u64;
             // SAFETY: the stats buffer is our arena page; the device does

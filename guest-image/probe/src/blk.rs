@@ -250,7 +250,9 @@ impl Blk {
         let mut result = Status::Ok;
         while next_done < next_submit || (next_submit < chunks && result == Status::Ok) {
             let mut submitted = false;
-            while result == Status::Ok && next_submit < chunks && next_submit - next_done < depth as u64
+            while result == Status::Ok
+                && next_submit < chunks
+                && next_submit - next_done < depth as u64
             {
                 let (first, n) = chunk(next_submit);
                 let buf = buf_of(next_submit);
@@ -258,12 +260,19 @@ impl Blk {
                     // SAFETY: the slot's buffer is arena RAM reserved for
                     // block/rng I/O; its previous request has completed, so
                     // the device does not touch it now.
-                    let data =
-                        unsafe { core::slice::from_raw_parts_mut(buf as *mut u8, (n * SECTOR) as usize) };
+                    let data = unsafe {
+                        core::slice::from_raw_parts_mut(buf as *mut u8, (n * SECTOR) as usize)
+                    };
                     prepare(first, data);
                 }
                 let typ = if write { T_OUT } else { T_IN };
-                self.submit((next_submit % depth as u64) as usize, typ, first, buf, n * SECTOR);
+                self.submit(
+                    (next_submit % depth as u64) as usize,
+                    typ,
+                    first,
+                    buf,
+                    n * SECTOR,
+                );
                 next_submit += 1;
                 submitted = true;
             }
@@ -276,7 +285,10 @@ impl Blk {
                 let (first, n) = chunk(next_done);
                 // SAFETY: as for writes: the read request has completed.
                 let data = unsafe {
-                    core::slice::from_raw_parts(buf_of(next_done) as *const u8, (n * SECTOR) as usize)
+                    core::slice::from_raw_parts(
+                        buf_of(next_done) as *const u8,
+                        (n * SECTOR) as usize,
+                    )
                 };
                 consume(first, data);
             }

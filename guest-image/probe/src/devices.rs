@@ -294,10 +294,7 @@ impl Devices {
             if let (Some(e), Some(k)) = (err, driver.kind()) {
                 print_failure(k, devs.index_of(i, k), e);
             }
-            devs.list[i] = Device {
-                irq: w.irq,
-                driver,
-            };
+            devs.list[i] = Device { irq: w.irq, driver };
         }
         let needs_iobuf = devs.list[..devs.count]
             .iter()
@@ -382,7 +379,10 @@ impl Devices {
             count: 0,
         };
         let mut too_many = false;
-        for w in rest.split(|c| c.is_ascii_whitespace()).filter(|w| !w.is_empty()) {
+        for w in rest
+            .split(|c| c.is_ascii_whitespace())
+            .filter(|w| !w.is_empty())
+        {
             if args.count == args.words.len() {
                 too_many = true;
             } else {
@@ -405,7 +405,11 @@ impl Devices {
             bad_args(line);
             return true;
         }
-        let idx = if nargs > 0 { args.num(0).unwrap_or(0) } else { 0 };
+        let idx = if nargs > 0 {
+            args.num(0).unwrap_or(0)
+        } else {
+            0
+        };
         let (iobuf, slots) = (self.iobuf, self.iobuf_slots);
         let Some(dev) = self.find(kind, idx) else {
             put_str("PROBE ERROR no ");
@@ -426,8 +430,9 @@ impl Devices {
             }
             Driver::Net(n) => net_command(n, name, &args, idx, line),
             Driver::Rng(r) => match args.num(1) {
-                Some(bytes) if (1..=RNG_MAX).contains(&bytes) && slots > 0 => {
-                    r.read(bytes, iobuf, slots as u64 * blk::REQ_MAX).map(|(got, distinct)| {
+                Some(bytes) if (1..=RNG_MAX).contains(&bytes) && slots > 0 => r
+                    .read(bytes, iobuf, slots as u64 * blk::REQ_MAX)
+                    .map(|(got, distinct)| {
                         put_str("PROBE RNG idx=");
                         put_dec(idx);
                         put_str(" bytes=");
@@ -435,8 +440,7 @@ impl Devices {
                         put_str(" distinct=");
                         put_dec(u64::from(distinct));
                         putc(b'\n');
-                    })
-                }
+                    }),
                 _ => {
                     bad_args(line);
                     Ok(())
@@ -679,7 +683,9 @@ fn net_command(n: &mut Net, name: &[u8], args: &Args, idx: u64, line: &[u8]) -> 
                 bad_args(line);
                 return Ok(());
             };
-            if !(1..=NET_COUNT_MAX).contains(&count) || !(net::FRAME_MIN..=net::FRAME_MAX).contains(&size) {
+            if !(1..=NET_COUNT_MAX).contains(&count)
+                || !(net::FRAME_MIN..=net::FRAME_MAX).contains(&size)
+            {
                 bad_args(line);
                 return Ok(());
             }

@@ -146,7 +146,9 @@ extern "C" fn probe_main(bp: u64, cpuid_ext_edx: u32) -> ! {
     let mut arena = virtio::Arena::new(arena_start, arena_end);
     if windows.count > 0 {
         let in_ram = e820.iter().any(|e| {
-            e.kind == E820_RAM && e.addr <= arena_start && arena_end <= e.addr.saturating_add(e.size)
+            e.kind == E820_RAM
+                && e.addr <= arena_start
+                && arena_end <= e.addr.saturating_add(e.size)
         });
         if !in_ram {
             io::fatal("no RAM for the virtio arena after the probe image");

@@ -104,7 +104,9 @@ impl Net {
         let buf = self.tx_bufs + u64::from(d) * BUF;
         // SAFETY: transmit buffer `d` belongs to the free descriptor `d`,
         // so the device is not reading it; arena RAM owned by this device.
-        Some((d, unsafe { core::slice::from_raw_parts_mut(buf as *mut u8, BUF as usize) }))
+        Some((d, unsafe {
+            core::slice::from_raw_parts_mut(buf as *mut u8, BUF as usize)
+        }))
     }
 
     /// Queues the frame in transmit buffer `d` (its first `len` bytes after

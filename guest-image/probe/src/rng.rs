@@ -16,7 +16,10 @@ pub struct Rng {
 
 impl Rng {
     pub fn init(mmio: Mmio, arena: &mut Arena) -> Result<Rng, (Mmio, Error)> {
-        let q = match mmio.begin_init(0).and_then(|_| mmio.setup_queue(0, 4, arena)) {
+        let q = match mmio
+            .begin_init(0)
+            .and_then(|_| mmio.setup_queue(0, 4, arena))
+        {
             Ok(q) => q,
             Err(e) => return Err((mmio, e)),
         };
