@@ -17,6 +17,15 @@
 pub const DOMAIN_SHARED: u64 = 1;
 /// Domain of the unique region (content keyed by `probe.seed`).
 pub const DOMAIN_UNIQUE: u64 = 2;
+/// Domain of virtio-blk content (`fill_sector`): the probe's `blk-write` and
+/// `blk-read` commands.
+pub const DOMAIN_BLOCK: u64 = 3;
+/// Domain of virtio-net payloads (the probe's `net-send`).
+pub const DOMAIN_NET: u64 = 4;
+/// Bytes in a disk sector.
+pub const SECTOR_SIZE: usize = 512;
+/// 64-bit words in a sector.
+pub const SECTOR_WORDS: usize = SECTOR_SIZE / 8;
 /// 64-bit words in a 4 KiB page.
 pub const PAGE_WORDS: usize = 512;
 /// Bytes in a page.
@@ -58,6 +67,36 @@ pub fn fill_page(domain: u64, seed: u64, page: u64, out: &mut [u64; PAGE_WORDS])
         *w = mix64(state);
     }
     out[PAGE_WORDS - 1] |= 1;
+}
+
+/// Fills `out` with words `first..first + out.len()` of page `page` of the
+/// region of `domain` keyed by `seed`: exactly the same words as
+/// [`fill_page`] produces there (splitmix64 is random-access), without
+/// generating the rest of the page. Words past the page's end are not
+/// defined: `first + out.len()` must not exceed [`PAGE_WORDS`].
+#[inline]
+pub fn fill_words(domain: u64, seed: u64, page: u64, first: usize, out: &mut [u64]) {
+    debug_assert!(first + out.len() <= PAGE_WORDS);
+    let key = page_key(domain, seed, page);
+    let mut state = key.wrapping_add(GOLDEN.wrapping_mul(first as u64));
+    for w in out.iter_mut() {
+        state = state.wrapping_add(GOLDEN);
+        *w = mix64(state);
+    }
+    if first + out.len() == PAGE_WORDS {
+        out[out.len() - 1] |= 1;
+    }
+}
+
+/// Fills `out` with disk sector `sector` of the virtio-blk content keyed by
+/// `seed`: sector `s` is the 512-byte slice `(s % 8) * 512..` of page
+/// `s / 8` of [`DOMAIN_BLOCK`] (little-endian words). The content of a
+/// sector depends only on its absolute number and the seed, so a host test
+/// can write or check any range of an image file.
+#[inline]
+pub fn fill_sector(seed: u64, sector: u64, out: &mut [u64; SECTOR_WORDS]) {
+    let first = (sector % 8) as usize * SECTOR_WORDS;
+    fill_words(DOMAIN_BLOCK, seed, sector / 8, first, out);
 }
 
 /// FNV-1a's 64-bit prime: odd, so `x -> x * P` is a bijection.
@@ -122,6 +161,34 @@ impl Checksum {
     pub const fn finish(&self) -> u64 {
         mix64(self.state ^ self.pages.wrapping_mul(GOLDEN))
     }
+}
+
+impl Checksum {
+    /// Feeds bytes as consecutive 4 KiB pages of little-endian words; a
+    /// partial last page is padded with zero bytes. A sequence of calls
+    /// equals one call on the concatenation only if every call but the last
+    /// has a multiple of 4096 bytes.
+    pub fn update_bytes(&mut self, data: &[u8]) {
+        let mut page = [0u64; PAGE_WORDS];
+        for chunk in data.chunks(PAGE_SIZE as usize) {
+            page.fill(0);
+            for (w, b) in page.iter_mut().zip(chunk.chunks(8)) {
+                let mut bytes = [0u8; 8];
+                bytes[..b.len()].copy_from_slice(b);
+                *w = u64::from_le_bytes(bytes);
+            }
+            self.update_page(&page);
+        }
+    }
+}
+
+/// The checksum the probe reports for data it read from a disk
+/// (`blk-read`): `data` cut into 4 KiB pages from its start, the last one
+/// zero-padded, fed to [`Checksum`] as little-endian words.
+pub fn checksum_bytes(data: &[u8]) -> u64 {
+    let mut sum = Checksum::new();
+    sum.update_bytes(data);
+    sum.finish()
 }
 
 /// The checksum the probe reports for a region of `pages` pages of `domain`
@@ -264,6 +331,47 @@ mod tests {
         let mut s2 = Checksum::new();
         s2.update_page(&swapped);
         assert_ne!(s1.finish(), s2.finish());
+    }
+
+    #[test]
+    fn fill_words_and_sectors_match_pages() {
+        for seed in [0u64, 9] {
+            for pg in [0u64, 1, 77] {
+                let p = page(DOMAIN_BLOCK, seed, pg);
+                let mut part = [0u64; 100];
+                fill_words(DOMAIN_BLOCK, seed, pg, 412, &mut part);
+                assert_eq!(part[..], p[412..]);
+                fill_words(DOMAIN_BLOCK, seed, pg, 3, &mut part[..10]);
+                assert_eq!(part[..10], p[3..13]);
+                for s in 0..8 {
+                    let mut sec = [0u64; SECTOR_WORDS];
+                    fill_sector(seed, pg * 8 + s, &mut sec);
+                    let at = s as usize * SECTOR_WORDS;
+                    assert_eq!(sec[..], p[at..at + SECTOR_WORDS]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn checksum_bytes_matches_pages() {
+        let a = page(DOMAIN_SHARED, 1, 0);
+        let b = page(DOMAIN_SHARED, 1, 1);
+        let mut bytes = [0u8; 8192];
+        for (i, w) in a.iter().chain(b.iter()).enumerate() {
+            bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        assert_eq!(
+            checksum_bytes(&bytes),
+            expected_checksum(DOMAIN_SHARED, 1, 2)
+        );
+        // A partial page is zero-padded.
+        let mut padded = [0u64; PAGE_WORDS];
+        padded[..64].copy_from_slice(&a[..64]);
+        let mut sum = Checksum::new();
+        sum.update_page(&padded);
+        assert_eq!(checksum_bytes(&bytes[..512]), sum.finish());
+        assert_eq!(checksum_bytes(&[]), Checksum::new().finish());
     }
 
     #[test]

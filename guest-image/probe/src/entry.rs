@@ -55,6 +55,9 @@ pub const VEC_PIC_MASTER: u8 = 0x20;
 pub const VEC_PIC_SLAVE: u8 = 0x28;
 /// LAPIC spurious-interrupt vector.
 pub const VEC_SPURIOUS: u8 = 0xff;
+/// Vector of IOAPIC-routed IRQs (16..23): its gate is `isr_spurious` (a
+/// bare `iretq`); CPL3 sends the LAPIC EOI after the idle service returns.
+pub const VEC_IOAPIC: u8 = 0x30;
 
 extern "C" {
     /// Runs CPL0 service `service` with `arg` (entry.rs: a `ud2` whose #UD

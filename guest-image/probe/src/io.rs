@@ -4,6 +4,11 @@
 use crate::entry::{probe_service, SYS_FAULT_EMULATION, SYS_FAULT_TRIPLE, SYS_IDLE, SYS_SET_CR3};
 use core::arch::asm;
 use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+/// The PIC has been programmed: sleeping until an IRQ is safe (before,
+/// an IRQ would arrive on the PIC's reset vectors, i.e. as an exception).
+static IRQS_READY: AtomicBool = AtomicBool::new(false);
 
 const COM1: u16 = 0x3f8;
 const UART_RBR_THR: u16 = COM1;
@@ -121,8 +126,9 @@ pub fn uart_enable_rx_irq() {
 }
 
 /// Initialises the 8259 pair: master vectors 0x20.., slave 0x28.., edge
-/// triggered, 8086 mode; unmasks only IRQ 4 (UART) and IRQ 2 (cascade).
-pub fn pic_init() {
+/// triggered, 8086 mode; unmasks IRQ 4 (UART), IRQ 2 (cascade) and the
+/// lines in `extra` (bit n: IRQ n; the virtio devices and the PIT).
+pub fn pic_init(extra: u16) {
     const MASTER_CMD: u16 = 0x20;
     const MASTER_DATA: u16 = 0x21;
     const SLAVE_CMD: u16 = 0xa0;
@@ -135,8 +141,15 @@ pub fn pic_init() {
     outb(SLAVE_DATA, 0x02); // ICW3: cascade identity
     outb(MASTER_DATA, 0x01); // ICW4: 8086 mode
     outb(SLAVE_DATA, 0x01);
-    outb(MASTER_DATA, !((1 << 4) | (1 << 2))); // OCW1: masks
-    outb(SLAVE_DATA, 0xff);
+    let unmask = extra | (1 << 4) | (1 << 2);
+    outb(MASTER_DATA, !(unmask as u8)); // OCW1: masks
+    outb(SLAVE_DATA, !((unmask >> 8) as u8));
+    IRQS_READY.store(true, Ordering::Relaxed);
+}
+
+/// Whether `idle` may be used (the PIC is programmed).
+pub fn irqs_ready() -> bool {
+    IRQS_READY.load(Ordering::Relaxed)
 }
 
 /// Local APIC spurious-interrupt vector register.
@@ -157,11 +170,44 @@ pub fn lapic_enable() {
     }
 }
 
+/// IOAPIC register select and window (architectural address, mapped
+/// uncached and user-accessible with the MMIO gap).
+const IOAPIC_REGSEL: usize = 0xfec0_0000;
+const IOAPIC_WIN: usize = 0xfec0_0010;
+/// Local APIC end-of-interrupt register.
+const LAPIC_EOI: usize = 0xfee0_00b0;
+
+/// Some IRQ is routed through the IOAPIC: `idle` must send a LAPIC EOI.
+static IOAPIC_USED: AtomicBool = AtomicBool::new(false);
+
+/// Routes IOAPIC pin `irq` (the GSIs 16..23 the 8259 pair does not have)
+/// to VEC_IOAPIC on the boot CPU (APIC ID 0): fixed delivery, physical
+/// destination, active high, edge triggered (the VMM's irqfds pulse).
+/// Its gate only `iretq`s; `idle` sends the LAPIC EOI afterwards, at CPL3.
+pub fn ioapic_route(irq: u32) {
+    let sel = IOAPIC_REGSEL as *mut u32;
+    let win = IOAPIC_WIN as *mut u32;
+    // SAFETY: the IOAPIC's architectural window, identity-mapped uncached
+    // and user-accessible; 32-bit aligned accesses.
+    unsafe {
+        sel.write_volatile(0x11 + 2 * irq); // high half: destination
+        win.write_volatile(0);
+        sel.write_volatile(0x10 + 2 * irq); // low half: vector, unmasked
+        win.write_volatile(u32::from(crate::entry::VEC_IOAPIC));
+    }
+    IOAPIC_USED.store(true, Ordering::Relaxed);
+}
+
 /// Sleeps at CPL0 (`sti; hlt; cli`) until an interrupt arrives.
 pub fn idle() {
     // SAFETY: the idle service only enables interrupts around `hlt` and
     // returns, preserving every register.
     unsafe { probe_service(SYS_IDLE, 0) }
+    if IOAPIC_USED.load(Ordering::Relaxed) {
+        // SAFETY: the LAPIC page is mapped (see `lapic_enable`); an EOI
+        // with no interrupt in service is ignored.
+        unsafe { (LAPIC_EOI as *mut u32).write_volatile(0) }
+    }
 }
 
 /// Loads `pml4` into CR3 through the CPL0 service.

@@ -6,15 +6,25 @@
 #![no_std]
 #![no_main]
 
+mod balloon;
+mod blk;
 mod boot;
+mod devices;
 mod entry;
 mod io;
 mod mem;
+mod net;
 mod paging;
 mod params;
+mod rng;
+mod time;
+mod virtio;
 mod workload;
 
+use balloon::MemInfo;
+use boot::E820_RAM;
 use core::sync::atomic::{AtomicBool, Ordering};
+use devices::Devices;
 use io::{put_bytes, put_dec, put_hex, put_hex16, put_str};
 use params::{Fault, Then};
 use probe_pattern::{DOMAIN_SHARED, DOMAIN_UNIQUE};
@@ -26,14 +36,39 @@ const PAGES_PER_MIB: u64 = 256;
 const REGION_ALIGN: u64 = 2 << 20;
 /// Longest command received on the serial input that is kept.
 const LINE_MAX: usize = 64;
+/// The virtio DMA arena (rings and buffers): RAM right after the probe
+/// image. The workload pool starts at the first 2 MiB boundary past it.
+const ARENA_SIZE: u64 = 512 << 10;
 
 /// The workload: where the regions are and what they hold.
 struct Workload {
     pool: Pool,
     shared: Region,
     unique: Region,
+    zero: Region,
     profile: u64,
     seed: u64,
+    /// Bytes of e820 RAM.
+    ram_bytes: u64,
+    /// Pages at the end of the unique+zero regions reported free
+    /// (`free-report`), counted from the end of the zero region down.
+    reported_pages: u64,
+}
+
+impl Workload {
+    fn mem(&self) -> MemInfo<'_> {
+        MemInfo {
+            pool: &self.pool,
+            free_first: self.zero.first + self.zero.pages,
+            ram_bytes: self.ram_bytes,
+            reported_pages: self.reported_pages,
+        }
+    }
+
+    /// Unique pages reported free (they come after the zero region's).
+    fn reported_unique(&self) -> u64 {
+        self.reported_pages.saturating_sub(self.zero.pages)
+    }
 }
 
 /// CPL3 entry, called by `user_start` (entry.rs) after zeroing .bss.
@@ -98,7 +133,31 @@ extern "C" fn probe_main(bp: u64, cpuid_ext_edx: u32) -> ! {
 
     // Only the address of the linker-script symbol is taken.
     let image_end = core::ptr::addr_of!(entry::__image_end) as u64;
-    let pool = Pool::new(&e820, image_end.next_multiple_of(REGION_ALIGN), limit);
+    let arena_start = image_end.next_multiple_of(4096);
+    let arena_end = arena_start + ARENA_SIZE;
+    let windows = match devices::parse_cmdline(cmdline) {
+        Ok(w) => w,
+        Err(bad) => {
+            put_str("PROBE ERROR invalid value for virtio_mmio.device: ");
+            put_bytes(bad);
+            io::fatal_end();
+        }
+    };
+    let mut arena = virtio::Arena::new(arena_start, arena_end);
+    if windows.count > 0 {
+        let in_ram = e820.iter().any(|e| {
+            e.kind == E820_RAM
+                && e.addr <= arena_start
+                && arena_end <= e.addr.saturating_add(e.size)
+        });
+        if !in_ram {
+            io::fatal("no RAM for the virtio arena after the probe image");
+        }
+        time::calibrate();
+    }
+    let mut devs = Devices::init(&windows, &mut arena);
+
+    let pool = Pool::new(&e820, arena_end.next_multiple_of(REGION_ALIGN), limit);
     let mib = [params.shared_mib, params.unique_mib, params.zero_mib];
     let needed_mib = mib.iter().try_fold(0u64, |acc, &m| acc.checked_add(m));
     let available_mib = pool.pages() / PAGES_PER_MIB;
@@ -144,49 +203,74 @@ extern "C" fn probe_main(bp: u64, cpuid_ext_edx: u32) -> ! {
     put_hex16(unique_sum);
     putc_nl();
 
-    let work = Workload {
+    let ram_bytes = e820
+        .iter()
+        .filter(|e| e.kind == E820_RAM)
+        .map(|e| e.size)
+        .sum();
+    let mut work = Workload {
         pool,
         shared,
         unique,
+        zero,
         profile: params.profile,
         seed: params.seed,
+        ram_bytes,
+        reported_pages: 0,
     };
     if params.then == Then::PowerOff {
         put_str("PROBE READY\n");
         io::power_off();
     }
-    io::pic_init();
+    // IRQ 0: the PIT one-shot that bounds sleeps while waiting for a device.
+    let pit = if windows.count > 0 { 1 } else { 0 };
+    io::pic_init(devs.irq_mask() | pit);
     io::lapic_enable();
+    for irq in devs.ioapic_irqs() {
+        io::ioapic_route(irq);
+    }
     io::uart_enable_rx_irq();
     put_str("PROBE READY\n");
-    command_loop(&work)
+    command_loop(&mut work, &mut devs)
 }
 
 fn putc_nl() {
     io::putc(b'\n');
 }
 
-/// Reads lines from the serial input and runs them, sleeping in between.
-fn command_loop(work: &Workload) -> ! {
+/// Reads lines from the serial input and runs them, services the virtio
+/// devices, and sleeps until the next IRQ (serial byte, device, PIT).
+fn command_loop(work: &mut Workload, devs: &mut Devices) -> ! {
     let mut line = [0u8; LINE_MAX];
     let mut len = 0;
     loop {
         // Drain before sleeping: a byte that arrives after the drain raises
-        // IRQ 4, which stays pending in the PIC until `sti; hlt`.
+        // IRQ 4, which stays pending in the PIC until `sti; hlt`; so does a
+        // device interrupt that follows the service below.
         while let Some(b) = io::try_read() {
             if b == b'\n' || b == b'\r' {
-                run_command(work, line[..len].trim_ascii());
+                run_command(work, devs, line[..len].trim_ascii());
                 len = 0;
             } else if len < LINE_MAX {
                 line[len] = b;
                 len += 1;
             }
         }
-        io::idle();
+        if !devs.service(&work.mem()) {
+            io::idle();
+        }
     }
 }
 
-fn run_command(work: &Workload, cmd: &[u8]) {
+fn run_command(work: &mut Workload, devs: &mut Devices, cmd: &[u8]) {
+    let name_len = cmd
+        .iter()
+        .position(|c| c.is_ascii_whitespace())
+        .unwrap_or(cmd.len());
+    let (name, rest) = cmd.split_at(name_len);
+    if devs.command(name, rest, &work.mem(), cmd) {
+        return;
+    }
     match cmd {
         b"" => {}
         b"ping" => put_str("PROBE PONG\n"),
@@ -194,23 +278,79 @@ fn run_command(work: &Workload, cmd: &[u8]) {
         b"verify" => {
             let (shared_sum, shared_ok) =
                 workload::verify(&work.pool, work.shared, DOMAIN_SHARED, work.profile);
+            let skipped = work.reported_unique();
+            let checked = Region {
+                first: work.unique.first,
+                pages: work.unique.pages - skipped,
+            };
             let (unique_sum, unique_ok) =
-                workload::verify(&work.pool, work.unique, DOMAIN_UNIQUE, work.seed);
+                workload::verify(&work.pool, checked, DOMAIN_UNIQUE, work.seed);
             put_str("PROBE VERIFY shared=");
             put_hex16(shared_sum);
             put_str(" unique=");
             put_hex16(unique_sum);
             put_str(if shared_ok && unique_ok {
-                " result=ok\n"
+                " result=ok"
             } else {
-                " result=mismatch\n"
+                " result=mismatch"
             });
+            if skipped > 0 {
+                put_str(" skipped_pages=");
+                put_dec(skipped);
+            }
+            putc_nl();
         }
+        _ if name == b"free-report" => free_report(work, devs, rest, cmd),
         _ => {
             put_str("PROBE ERROR unknown command ");
             put_bytes(cmd);
             putc_nl();
         }
+    }
+}
+
+/// `free-report mib`: reports the next `mib` MiB of the unique+zero regions,
+/// from the end of the zero region down, as free through the balloon.
+fn free_report(work: &mut Workload, devs: &mut Devices, rest: &[u8], cmd: &[u8]) {
+    let mib = match params::parse_u64(rest.trim_ascii()) {
+        Some(m) if m > 0 => m,
+        _ => {
+            put_str("PROBE ERROR bad arguments: ");
+            put_bytes(cmd);
+            putc_nl();
+            return;
+        }
+    };
+    let answer = |status: &str| {
+        put_str("PROBE FREE-REPORT mib=");
+        put_dec(mib);
+        put_str(" status=");
+        put_str(status);
+        putc_nl();
+    };
+    if !devs.can_report() {
+        answer("unsupp");
+        return;
+    }
+    let reportable = work.unique.pages + work.zero.pages;
+    let left = reportable - work.reported_pages;
+    let pages = mib.saturating_mul(PAGES_PER_MIB);
+    if pages > left {
+        put_str("PROBE ERROR free-report: only ");
+        put_dec(left / PAGES_PER_MIB);
+        put_str(" MiB of the unique and zero regions left to report\n");
+        return;
+    }
+    let end = work.zero.first + work.zero.pages - work.reported_pages;
+    let region = Region {
+        first: end - pages,
+        pages,
+    };
+    // From here on the probe does not rely on these pages' content, even if
+    // the report fails half-way.
+    work.reported_pages += pages;
+    if let Ok(true) = devs.free_report(work.pool.spans(region)) {
+        answer("ok");
     }
 }
 

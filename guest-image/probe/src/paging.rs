@@ -62,7 +62,8 @@ fn gate(handler: u64) -> [u64; 2] {
 
 /// Fills the (already loaded) IDT: exceptions, PIC IRQs and the LAPIC
 /// spurious vector. All gates are DPL0: CPL3 reaches CPL0 only through
-/// exceptions (see `probe_service` in entry.rs).
+/// exceptions (see `probe_service` in entry.rs). IOAPIC-routed IRQs use
+/// VEC_IOAPIC, whose gate is the spurious stub (see `io::ioapic_route`).
 pub fn init_idt() {
     let set = |vector: u8, handler: unsafe extern "C" fn()| {
         let g = gate(handler as usize as u64);
@@ -88,6 +89,7 @@ pub fn init_idt() {
         set(entry::VEC_PIC_SLAVE + irq, entry::isr_irq_slave);
     }
     set(entry::VEC_SPURIOUS, entry::isr_spurious);
+    set(entry::VEC_IOAPIC, entry::isr_spurious);
 }
 
 /// Builds page tables that identity-map every e820 RAM range (rounded out to

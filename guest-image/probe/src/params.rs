@@ -36,7 +36,7 @@ pub struct BadValue<'a> {
 }
 
 /// Parses a decimal or `0x`-prefixed hexadecimal u64.
-fn parse_u64(s: &[u8]) -> Option<u64> {
+pub fn parse_u64(s: &[u8]) -> Option<u64> {
     let (digits, radix) = match s {
         [b'0', b'x' | b'X', rest @ ..] => (rest, 16),
         _ => (s, 10),

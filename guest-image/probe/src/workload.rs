@@ -57,6 +57,37 @@ impl Pool {
             .sum()
     }
 
+    /// The address of pool page `index` (< `pages()`).
+    pub fn page_addr(&self, mut index: u64) -> u64 {
+        for &(b, e) in &self.ranges[..self.count] {
+            let n = (e - b) / PAGE_SIZE;
+            if index < n {
+                return b + index * PAGE_SIZE;
+            }
+            index -= n;
+        }
+        unreachable!("pool page out of range")
+    }
+
+    /// The contiguous physical ranges (address, bytes) of `region`, in
+    /// order.
+    pub fn spans(&self, region: Region) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut skip = region.first;
+        let mut left = region.pages;
+        self.ranges[..self.count].iter().filter_map(move |&(b, e)| {
+            let n = (e - b) / PAGE_SIZE;
+            if skip >= n {
+                skip -= n;
+                return None;
+            }
+            let take = (n - skip).min(left);
+            let start = b + skip * PAGE_SIZE;
+            skip = 0;
+            left -= take;
+            (take > 0).then_some((start, take * PAGE_SIZE))
+        })
+    }
+
     /// Calls `f(index, address)` for each page of `region`, in order
     /// (`index` counts from 0 within the region).
     fn for_each_page(&self, region: Region, mut f: impl FnMut(u64, u64)) {
