@@ -99,7 +99,14 @@ fn command_line_too_long_or_not_ascii() {
     let probe = probe();
     let long = "x".repeat(4096);
     refused(
-        &["--kernel", probe.to_str().unwrap(), "--cmdline", &long],
+        &[
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--rng",
+            "off",
+            "--cmdline",
+            &long,
+        ],
         "command line is 4097 bytes, the limit is 2048",
     );
     refused(
