@@ -101,8 +101,16 @@ impl Vmm {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        Vmm::spawn_program(KSMVM, args)
+    }
+
+    fn spawn_program<I, S>(program: &str, args: I) -> Vmm
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
         let runtime = runtime_dir();
-        let mut child = Command::new(KSMVM)
+        let mut child = Command::new(program)
             .args(args)
             .env("KSMVM_RUNTIME_DIR", &runtime.0)
             .stdin(Stdio::piped())
@@ -122,8 +130,34 @@ impl Vmm {
         }
     }
 
+    /// A client for this VM's control API (the VM is named `name`).
+    pub fn api(&self, name: &str) -> ksmvm::api::ApiClient {
+        ksmvm::api::ApiClient::new(self.runtime.path(&format!("{name}.sock")))
+    }
+
+    /// Sends a serial command and returns the probe's answer line.
+    pub fn command(&mut self, cmd: &str, answer: &str) -> String {
+        self.send(cmd);
+        self.expect_line(answer, Duration::from_secs(60))
+    }
+
+    /// Runs ksmvm inside a network namespace (for TAP devices that live there).
+    pub fn spawn_in_netns(ns: &NetNs, args: &[String]) -> Vmm {
+        let mut full: Vec<String> =
+            vec!["netns".into(), "exec".into(), ns.name.clone(), KSMVM.into()];
+        full.extend(args.iter().cloned());
+        Vmm::spawn_program("ip", full)
+    }
+
     /// Boots the probe with the given extra command line and VMM flags.
     pub fn probe(cmdline: &str, extra: &[&str]) -> Vmm {
+        Vmm::spawn(probe_args(cmdline, extra))
+    }
+}
+
+/// `ksmvm run` arguments that boot the probe.
+pub fn probe_args(cmdline: &str, extra: &[&str]) -> Vec<String> {
+    {
         let probe = probe();
         let mut args: Vec<String> = vec![
             "run".into(),
@@ -133,9 +167,11 @@ impl Vmm {
             format!("console=ttyS0 {cmdline}"),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Vmm::spawn(args)
+        args
     }
+}
 
+impl Vmm {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -325,4 +361,114 @@ pub fn hex_field(line: &str, key: &str) -> u64 {
     let v = field(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}"));
     u64::from_str_radix(v.trim_start_matches("0x"), 16)
         .unwrap_or_else(|_| panic!("{key}={v} is not hex in {line:?}"))
+}
+
+/// A network namespace made for one test, deleted (with its TAPs) on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip(8)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("ksmvm-{tag}-{}", std::process::id());
+        ip(&["netns", "add", &name]);
+        NetNs { name }
+    }
+
+    /// Creates a TAP device in the namespace and brings it up.
+    pub fn add_tap(&self, tap: &str) {
+        ip(&["-n", &self.name, "tuntap", "add", "dev", tap, "mode", "tap"]);
+        ip(&["-n", &self.name, "link", "set", tap, "up"]);
+    }
+
+    /// A raw AF_PACKET socket bound to `ifname` inside the namespace: it
+    /// sees every frame the guest sends and injects frames towards it.
+    pub fn packet_socket(&self, ifname: &str) -> std::os::fd::OwnedFd {
+        use std::os::fd::FromRawFd;
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.name)).expect("open netns");
+        let ifname = std::ffi::CString::new(ifname).unwrap();
+        // setns(CLONE_NEWNET) changes only the calling thread, so enter the
+        // namespace on a thread of its own; the socket stays bound there.
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this thread only, with a netns fd we opened;
+            // socket/bind get valid arguments and every result is checked.
+            unsafe {
+                assert_eq!(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET), 0, "setns");
+                let proto = (libc::ETH_P_ALL as u16).to_be();
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+                assert!(
+                    fd >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                let index = libc::if_nametoindex(ifname.as_ptr());
+                assert_ne!(index, 0, "no interface {ifname:?}");
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = proto;
+                sll.sll_ifindex = index as i32;
+                let rc = libc::bind(
+                    fd,
+                    std::ptr::addr_of!(sll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+                std::os::fd::OwnedFd::from_raw_fd(fd)
+            }
+        })
+        .join()
+        .expect("netns thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Receives one frame within `timeout` (None on timeout).
+pub fn recv_frame(fd: &std::os::fd::OwnedFd, timeout: Duration) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    if n <= 0 {
+        return None;
+    }
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: the buffer is valid for its whole length.
+    let got = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    (got > 0).then(|| {
+        buf.truncate(got as usize);
+        buf
+    })
+}
+
+pub fn send_frame(fd: &std::os::fd::OwnedFd, frame: &[u8]) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the frame buffer is valid for its length.
+    let n = unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+    assert_eq!(
+        n as usize,
+        frame.len(),
+        "send: {}",
+        std::io::Error::last_os_error()
+    );
 }

@@ -301,12 +301,40 @@ fn run_command(work: &mut Workload, devs: &mut Devices, cmd: &[u8]) {
             putc_nl();
         }
         _ if name == b"free-report" => free_report(work, devs, rest, cmd),
+        _ if name == b"touch" => touch_free(work, rest, cmd),
         _ => {
             put_str("PROBE ERROR unknown command ");
             put_bytes(cmd);
             putc_nl();
         }
     }
+}
+
+/// `touch mib`: dirties the top `mib` MiB of free RAM, the pages the balloon
+/// takes first, so that inflating it visibly returns memory to the host.
+fn touch_free(work: &Workload, rest: &[u8], cmd: &[u8]) {
+    let Some(mib) = params::parse_u64(rest.trim_ascii()) else {
+        put_str("PROBE ERROR bad arguments: ");
+        put_bytes(cmd);
+        putc_nl();
+        return;
+    };
+    let mem = work.mem();
+    let free = mem.pool.pages().saturating_sub(mem.free_first);
+    let pages = (mib * 256).min(free);
+    let top = mem.pool.pages();
+    workload::touch_zero(
+        &work.pool,
+        workload::Region {
+            first: top - pages,
+            pages,
+        },
+    );
+    put_str("PROBE TOUCH mib=");
+    put_dec(mib);
+    put_str(" pages=");
+    put_dec(pages);
+    putc_nl();
 }
 
 /// `free-report mib`: reports the next `mib` MiB of the unique+zero regions,
