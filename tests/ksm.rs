@@ -88,10 +88,8 @@ fn twin_probes_merge_and_keep_their_own_data() {
             probe_pattern::expected_checksum(probe_pattern::DOMAIN_SHARED, 5, shared_pages)
         );
     }
-    for mut vm in vms {
-        vm.send("poweroff");
-        let (status, stderr) = vm.wait(BOOT);
-        assert!(status.success(), "{stderr}");
+    for vm in vms {
+        vm.poweroff();
     }
     guard.restore().expect("restore KSM settings");
 }

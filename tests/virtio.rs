@@ -70,9 +70,7 @@ fn block_write_flush_read_back_and_read_only_refusal() {
     assert_eq!(field(&r, "status"), Some("ioerr"), "{r}");
     let r = vm.command("blk-read 0 100 24 7", "PROBE BLK-READ");
     assert_eq!(field(&r, "status"), Some("ok"), "{r}");
-    vm.send("poweroff");
-    let (status, stderr) = vm.wait(T);
-    assert!(status.success(), "{stderr}");
+    vm.poweroff();
 }
 
 #[test]
@@ -114,9 +112,7 @@ fn a_writable_disk_cannot_be_opened_by_two_vms() {
     );
     let (status, stderr) = reader.wait(T);
     assert_eq!(status.code(), Some(2), "{stderr}");
-    first.send("poweroff");
-    let (status, stderr) = first.wait(T);
-    assert!(status.success(), "{stderr}");
+    first.poweroff();
     // Read-only users share it (the shared root disk of many instances).
     let mut readers: Vec<Vmm> = (1..=2)
         .map(|i| {
@@ -136,10 +132,8 @@ fn a_writable_disk_cannot_be_opened_by_two_vms() {
     for vm in &mut readers {
         vm.expect_line("PROBE READY", T);
     }
-    for mut vm in readers {
-        vm.send("poweroff");
-        let (status, stderr) = vm.wait(T);
-        assert!(status.success(), "{stderr}");
+    for vm in readers {
+        vm.poweroff();
     }
 }
 
@@ -216,9 +210,7 @@ fn net_frames_cross_a_tap_device_both_ways() {
         field(&recv, "frames").unwrap().parse::<u64>().unwrap() >= 50,
         "{recv}"
     );
-    vm.send("poweroff");
-    let (status, stderr) = vm.wait(T);
-    assert!(status.success(), "{stderr}");
+    vm.poweroff();
 }
 
 /// Guest RAM Rss through the API, in MiB.
@@ -294,9 +286,7 @@ fn balloon_and_free_page_reporting_return_memory_to_the_host() {
     assert_eq!(field(&v, "result"), Some("ok"), "{v}");
     // Errors: a target at or above guest RAM.
     assert!(api.set_balloon(256).is_err());
-    vm.send("poweroff");
-    let (status, stderr) = vm.wait(T);
-    assert!(status.success(), "{stderr}");
+    vm.poweroff();
 }
 
 #[test]
@@ -309,7 +299,5 @@ fn rng_delivers_random_bytes() {
     let r = vm.command("rng 0 65536", "PROBE RNG");
     assert_eq!(field(&r, "bytes"), Some("65536"), "{r}");
     assert_eq!(field(&r, "distinct"), Some("256"), "{r}");
-    vm.send("poweroff");
-    let (status, stderr) = vm.wait(T);
-    assert!(status.success(), "{stderr}");
+    vm.poweroff();
 }

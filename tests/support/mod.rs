@@ -249,6 +249,11 @@ impl Vmm {
 
     /// Waits for the VMM to exit; returns its status and everything it wrote to stderr.
     pub fn wait(mut self, timeout: Duration) -> (ExitStatus, String) {
+        self.wait_keeping(timeout)
+    }
+
+    /// Like `wait`, keeping the handle (for `seen`).
+    pub fn wait_keeping(&mut self, timeout: Duration) -> (ExitStatus, String) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(st) = self.child.try_wait().expect("wait for ksmvm") {
@@ -267,6 +272,13 @@ impl Vmm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Asks the probe to power off and checks that the VMM exits cleanly.
+    pub fn poweroff(mut self) {
+        self.send("poweroff");
+        let (status, stderr) = self.wait(Duration::from_secs(60));
+        assert!(status.success(), "ksmvm exit {status:?}: {stderr}");
     }
 
     /// Sends SIGTERM.
@@ -298,35 +310,13 @@ fn pipe_lines<R: std::io::Read + Send + 'static>(r: R) -> Receiver<String> {
     rx
 }
 
-/// Runs ksmvm to completion with the given args and no stdin; returns
+/// Runs ksmvm to completion with the given args and stdin closed; returns
 /// (exit code, stdout, stderr).
 pub fn run_to_end(args: &[&str], timeout: Duration) -> (Option<i32>, String, String) {
-    let runtime = runtime_dir();
-    let mut child = Command::new(KSMVM)
-        .args(args)
-        .env("KSMVM_RUNTIME_DIR", &runtime.0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start ksmvm");
-    let out = pipe_lines(child.stdout.take().expect("stdout"));
-    let err = pipe_lines(child.stderr.take().expect("stderr"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ksmvm {args:?} did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    std::thread::sleep(Duration::from_millis(20));
-    let collect = |rx: Receiver<String>| rx.iter().collect::<Vec<_>>().join("\n");
-    (status.code(), collect(out), collect(err))
+    let mut vm = Vmm::spawn(args);
+    vm.stdin = None;
+    let (status, stderr) = vm.wait_keeping(timeout);
+    (status.code(), vm.seen.join("\n"), stderr)
 }
 
 /// A private temporary directory removed on drop.
