@@ -1,5 +1,7 @@
-//! Where VM API sockets live: `$KSMVM_RUNTIME_DIR` (default /run/ksmvm),
-//! one `NAME.sock` per VM, which is how `ksmvm list` finds them.
+//! Where VM API sockets live: `$KSMVM_RUNTIME_DIR`, else /run/ksmvm for
+//! root and `$XDG_RUNTIME_DIR/ksmvm` for other users (members of the kvm
+//! group cannot write /run); one `NAME.sock` per VM, which is how
+//! `ksmvm list` finds them.
 
 use std::path::{Path, PathBuf};
 
@@ -8,10 +10,16 @@ pub const DEFAULT_RUNTIME_DIR: &str = "/run/ksmvm";
 const SOCKET_SUFFIX: &str = ".sock";
 
 pub fn runtime_dir() -> PathBuf {
-    match std::env::var_os(RUNTIME_DIR_ENV) {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(DEFAULT_RUNTIME_DIR),
+    let var = |name| std::env::var_os(name).filter(|d| !d.is_empty());
+    if let Some(d) = var(RUNTIME_DIR_ENV) {
+        return PathBuf::from(d);
     }
+    if !nix::unistd::geteuid().is_root() {
+        if let Some(d) = var("XDG_RUNTIME_DIR") {
+            return PathBuf::from(d).join("ksmvm");
+        }
+    }
+    PathBuf::from(DEFAULT_RUNTIME_DIR)
 }
 
 /// The default socket of VM `name` (the name must be validated first: it
