@@ -42,20 +42,24 @@ impl Log for Logger {
     fn flush(&self) {}
 }
 
-/// Whether stderr is the journal stream systemd set up: JOURNAL_STREAM is
-/// inherited by children whose stderr may go elsewhere, so compare
-/// `device:inode` with stderr's, as systemd.exec(5) advises.
-fn stderr_is_journal() -> bool {
+/// Whether `fd` is the journal stream systemd set up: JOURNAL_STREAM is
+/// inherited by children whose output may go elsewhere, so compare its
+/// `device:inode` with the fd's, as systemd.exec(5) advises.
+pub fn is_journal_stream(fd: impl std::os::fd::AsFd) -> bool {
     let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
         return false;
     };
     let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else {
         return false;
     };
-    match nix::sys::stat::fstat(std::io::stderr()) {
+    match nix::sys::stat::fstat(fd) {
         Ok(st) => dev.parse() == Ok(st.st_dev) && ino.parse() == Ok(st.st_ino),
         Err(_) => false,
     }
+}
+
+fn stderr_is_journal() -> bool {
+    is_journal_stream(std::io::stderr())
 }
 
 /// Prints a line that ends the program (an error the user must see at any

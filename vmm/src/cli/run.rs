@@ -47,7 +47,8 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let vm = match crate::builder::build_with(inst.vm, |out| sup.serial_tap(out)) {
+    let sink = inst.vm.serial.clone();
+    let vm = match crate::builder::build_with(inst.vm, |out| sup.serial_tap(&sink, out)) {
         Ok(vm) => vm,
         Err(e) => {
             report_error(&e);

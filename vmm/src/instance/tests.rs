@@ -183,3 +183,20 @@ fn relative_kernel_is_relative_to_the_file() {
         Some(Path::new("/proc/self/exe"))
     );
 }
+
+#[test]
+fn shipped_examples_parse() {
+    for (name, text) in [
+        ("probe.toml", include_str!("../../systemd/examples/probe.toml")),
+        ("mastodon.toml", include_str!("../../systemd/examples/mastodon.toml")),
+    ] {
+        let f = InstanceFile::parse(Path::new(name), text.to_owned())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(f.settings.kernel.is_some(), "{name}");
+        assert_eq!(f.settings.ready, Some(ReadyMode::Guest), "{name}");
+    }
+    crate::ksm::parse_tuning(include_str!("../../systemd/examples/ksm.toml"))
+        .unwrap_or_else(|e| panic!("ksm.toml: {e}"))
+        .validate()
+        .unwrap_or_else(|e| panic!("ksm.toml: {e}"));
+}

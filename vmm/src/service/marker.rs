@@ -1,5 +1,8 @@
 //! Watches the guest's serial output for the ready marker on its way to
-//! the configured sink, and signals an eventfd the first time it appears.
+//! the configured sink, and signals an eventfd at the end of the first line
+//! that contains it. Waiting for the line's end keeps the VMM's "ready" log
+//! line from landing in the middle of the guest's line when both go to the
+//! same journal stream.
 
 use std::io::Write;
 
@@ -13,6 +16,8 @@ pub struct MarkerWatch {
     /// The last `marker.len()` bytes seen: the marker may arrive one byte
     /// per write (the UART writes byte by byte).
     tail: Vec<u8>,
+    /// The marker appeared; the signal goes out at the end of its line.
+    matched: bool,
     seen: bool,
     evt: EventFd,
 }
@@ -23,6 +28,7 @@ impl MarkerWatch {
             inner,
             marker: marker.as_bytes().to_vec(),
             tail: Vec::with_capacity(marker.len() * 2),
+            matched: false,
             seen: marker.is_empty(),
             evt,
         }
@@ -33,11 +39,14 @@ impl MarkerWatch {
             if self.seen {
                 return;
             }
-            self.tail.push(b);
-            if self.tail.len() > self.marker.len() {
-                self.tail.remove(0);
+            if !self.matched {
+                self.tail.push(b);
+                if self.tail.len() > self.marker.len() {
+                    self.tail.remove(0);
+                }
+                self.matched = self.tail == self.marker;
             }
-            if self.tail == self.marker {
+            if self.matched && (b == b'\n' || self.marker.ends_with(b"\n")) {
                 self.seen = true;
                 if let Err(e) = self.evt.write(1) {
                     log::error!("cannot signal that the guest is ready: {e}");
@@ -84,7 +93,9 @@ mod tests {
             w.write_all(&[*b]).unwrap();
         }
         assert!(evt.read().is_err(), "no marker yet");
-        w.write_all(b"DY\nPROBE READY\n").unwrap();
+        w.write_all(b"DY").unwrap();
+        assert!(evt.read().is_err(), "not before the end of the line");
+        w.write_all(b" now\nPROBE READY\n").unwrap();
         assert_eq!(evt.read().unwrap(), 1);
         assert!(evt.read().is_err(), "signalled once only");
     }

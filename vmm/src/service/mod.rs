@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use marker::MarkerWatch;
 use watchdog::{Watchdog, WatchdogAction};
 
+use crate::config::SerialSink;
 use crate::devices::serial::SerialOut;
 use crate::instance::{ReadyMode, ServiceConfig};
 use crate::memory::HostRegion;
@@ -82,7 +83,18 @@ impl SystemdSupervisor {
     }
 
     /// Wraps the guest's serial sink so that the ready marker is seen.
-    pub fn serial_tap(&self, out: SerialOut) -> std::io::Result<SerialOut> {
+    ///
+    /// Guest output going to the journal is written a whole line at a time:
+    /// the VMM's log lines share that stream and would otherwise split the
+    /// guest's lines; journald records only whole lines anyway.
+    pub fn serial_tap(&self, sink: &SerialSink, out: SerialOut) -> std::io::Result<SerialOut> {
+        let out: SerialOut = if *sink == SerialSink::Stdout
+            && crate::logger::is_journal_stream(std::io::stdout())
+        {
+            Box::new(std::io::LineWriter::new(out))
+        } else {
+            out
+        };
         match (&self.ready_evt, &self.marker) {
             (Some(evt), Some(marker)) => {
                 Ok(Box::new(MarkerWatch::new(out, marker, evt.try_clone()?)))
