@@ -20,6 +20,15 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
+# Two test runs may want the rootfs at once: one builds, the other waits.
+mkdir -p "$cache"
+exec 9>"$cache/.systemd-rootfs.lock"
+flock 9
+if [ -e "$root/.ksmvm-rootfs-complete" ]; then
+    echo "$root"
+    exit 0
+fi
+
 if ! command -v debootstrap >/dev/null 2>&1; then
     echo "make-rootfs.sh: installing debootstrap" >&2
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -42,7 +51,6 @@ if [ -z "$mirror" ] && [ -r /etc/apt/sources.list ]; then
     mirror="$(awk '$1 == "deb" && $3 !~ /security/ { print $2; exit }' /etc/apt/sources.list)"
 fi
 
-mkdir -p "$cache"
 tmp="$root.tmp.$$"
 trap 'rm -rf "$tmp"' EXIT
 echo "make-rootfs.sh: debootstrap $suite into $root (about a minute)" >&2

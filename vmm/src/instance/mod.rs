@@ -183,8 +183,17 @@ pub fn resolve(
         let Some(path) = path else { continue };
         match std::fs::metadata(path) {
             Ok(m) if m.is_file() => {}
-            Ok(_) => return Err(origins.invalid(key, format!("{} is not a file", path.display()))),
-            Err(e) => return Err(origins.invalid(key, format!("{}: {e}", path.display()))),
+            Ok(_) => {
+                return Err(origins.invalid(
+                    key,
+                    format!("cannot open {key} {}: not a regular file", path.display()),
+                ))
+            }
+            Err(e) => {
+                return Err(
+                    origins.invalid(key, format!("cannot open {key} {}: {e}", path.display()))
+                )
+            }
         }
     }
 

@@ -137,7 +137,9 @@ fn missing_and_unreadable_kernel() {
     assert!(e.contains("no guest kernel"), "{e}");
     let e = resolve_text("kernel = \"/nonexistent/vmlinux\"", Settings::default()).unwrap_err();
     assert!(
-        e.starts_with("/etc/ksmvm/t.toml:1:10: kernel: /nonexistent/vmlinux: No such file"),
+        e.starts_with(
+            "/etc/ksmvm/t.toml:1:10: kernel: cannot open kernel /nonexistent/vmlinux: No such file"
+        ),
         "{e}"
     );
     let e = resolve(None, Settings::default(), 2)
@@ -187,8 +189,14 @@ fn relative_kernel_is_relative_to_the_file() {
 #[test]
 fn shipped_examples_parse() {
     for (name, text) in [
-        ("probe.toml", include_str!("../../systemd/examples/probe.toml")),
-        ("mastodon.toml", include_str!("../../systemd/examples/mastodon.toml")),
+        (
+            "probe.toml",
+            include_str!("../../systemd/examples/probe.toml"),
+        ),
+        (
+            "mastodon.toml",
+            include_str!("../../systemd/examples/mastodon.toml"),
+        ),
     ] {
         let f = InstanceFile::parse(Path::new(name), text.to_owned())
             .unwrap_or_else(|e| panic!("{name}: {e}"));

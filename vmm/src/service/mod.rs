@@ -88,13 +88,12 @@ impl SystemdSupervisor {
     /// the VMM's log lines share that stream and would otherwise split the
     /// guest's lines; journald records only whole lines anyway.
     pub fn serial_tap(&self, sink: &SerialSink, out: SerialOut) -> std::io::Result<SerialOut> {
-        let out: SerialOut = if *sink == SerialSink::Stdout
-            && crate::logger::is_journal_stream(std::io::stdout())
-        {
-            Box::new(std::io::LineWriter::new(out))
-        } else {
-            out
-        };
+        let out: SerialOut =
+            if *sink == SerialSink::Stdout && crate::logger::is_journal_stream(std::io::stdout()) {
+                Box::new(std::io::LineWriter::new(out))
+            } else {
+                out
+            };
         match (&self.ready_evt, &self.marker) {
             (Some(evt), Some(marker)) => {
                 Ok(Box::new(MarkerWatch::new(out, marker, evt.try_clone()?)))
