@@ -33,6 +33,8 @@ fn probe_receives_exact_cmdline_and_e820_map() {
         cmdline,
         "--mem-mib",
         "96",
+        "--rng",
+        "off",
         "--log-level",
         "info",
     ]);
@@ -64,6 +66,41 @@ fn probe_receives_exact_cmdline_and_e820_map() {
     // The map covers exactly the guest RAM: 96 MiB minus the EBDA/ROM hole.
     let ram: u64 = guest_e820.iter().map(|l| hex_field(l, "size")).sum();
     assert_eq!(ram, (96 << 20) - (0x10_0000 - 0x9_fc00));
+}
+
+#[test]
+fn virtio_devices_are_announced_on_the_command_line() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TempDir::new("cmdline-devices");
+    let disk = dir.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut vm = Vmm::probe(
+        "probe.then=poweroff",
+        &[
+            "--mem-mib",
+            "64",
+            "--disk",
+            &format!("path={},ro=on", disk.display()),
+            "--balloon",
+        ],
+    );
+    let line = vm.expect_line("PROBE CMDLINE", BOOT);
+    // Disks first, then the balloon, then rng (on by default): one 4 KiB
+    // window and one IRQ each, from the start of the MMIO gap and IRQ 5.
+    assert_eq!(
+        line,
+        "PROBE CMDLINE console=ttyS0 probe.then=poweroff \
+         virtio_mmio.device=4K@0xc0000000:5 \
+         virtio_mmio.device=4K@0xc0001000:6 \
+         virtio_mmio.device=4K@0xc0002000:7"
+    );
+    let (status, stderr) = vm.wait(BOOT);
+    assert!(status.success(), "{stderr}");
 }
 
 #[test]

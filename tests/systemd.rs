@@ -132,6 +132,8 @@ fn start_waits_for_the_guest(sd: &Sd) {
         status.contains("Status: \"running; guest RAM 48 MiB: resident "),
         "{status}"
     );
+    // The API socket is there once the unit is active.
+    sd.ok("test -S /run/ksmvm/probe.sock");
     // The VMM's own log lines carry journald priorities (info = 6).
     sd.ok("journalctl --no-pager -o cat -p info -u ksmvm@probe | grep -q 'VM probe running'");
     let debug_only = sd
@@ -178,7 +180,7 @@ fn stop_asks_the_guest_then_times_out(sd: &Sd) {
     assert_eq!(sd.prop("ksmvm@probe", "Result"), "success");
     assert_eq!(sd.prop("ksmvm@probe", "ExecMainStatus"), "0");
     assert_eq!(sd.prop("ksmvm@probe", "ActiveState"), "inactive");
-    // TODO(api): the VMM removes its API socket on exit.
+    // The VMM removed its API socket on the way out.
     sd.ok("test ! -e /run/ksmvm/probe.sock");
 }
 
@@ -216,7 +218,18 @@ fn three_instances(sd: &Sd) {
         let j = sd.journal(u);
         assert!(j.contains(&format!("VM {name} running")), "{j}");
     }
-    // TODO(api): `ksmvm list` shows a, b and c once the api branch is merged.
+    // `ksmvm list` finds all three through their sockets in /run/ksmvm.
+    let list: serde_json::Value =
+        serde_json::from_str(&sd.ok("ksmvm list --json")).expect("ksmvm list --json");
+    let rows = list.as_array().expect("a JSON array");
+    for (u, name) in units.iter().zip(["a", "b", "c"]) {
+        let row = rows
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("ksmvm list lacks {name}: {list}"));
+        assert_eq!(row["state"], "running", "{row}");
+        assert_eq!(row["pid"].to_string(), sd.prop(u, "MainPID"), "{row}");
+    }
     sd.ok(&format!("systemctl stop {}", units.join(" ")));
     for u in units {
         assert_eq!(sd.prop(u, "ExecMainStatus"), "0", "{u}");
@@ -359,7 +372,7 @@ fn ksmvm_units_under_a_real_systemd() {
     for (name, step) in steps {
         let t = Instant::now();
         step(&sd);
-        eprintln!("  ok: {name} ({:.1} s)", t.elapsed().as_secs_f64());
+        eprintln!("  done: {name} ({:.1} s)", t.elapsed().as_secs_f64());
     }
 
     let left = sd.run("systemctl list-units --no-legend --state=active 'ksmvm@*'");

@@ -19,6 +19,12 @@ use crate::config::{ConfigError, SerialSink, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialOut};
+use crate::devices::virtio::balloon::BalloonError;
+use crate::devices::virtio::block::ImageError;
+use crate::devices::virtio::net::TapError;
+use crate::devices::virtio::{
+    Balloon, BalloonHandle, Block, ManagerError, Net, Rng, VirtioDevices,
+};
 use crate::memory::{self, MemoryError};
 use crate::vcpu::{Vcpu, VcpuError, VmControl};
 use crate::vm::Vm;
@@ -54,13 +60,25 @@ pub enum BuildError {
     EventFd(std::io::Error),
     #[error("device bus: {0}")]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Disk(#[from] ImageError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
+    #[error(transparent)]
+    Virtio(#[from] ManagerError),
 }
 
 impl BuildError {
     /// Exit status: 2 for bad input the user can fix, 1 for host failures.
     pub fn exit_code(&self) -> u8 {
         match self {
-            BuildError::KvmOpen(_) | BuildError::Config(_) | BuildError::SerialFile { .. } => 2,
+            BuildError::KvmOpen(_)
+            | BuildError::Config(_)
+            | BuildError::SerialFile { .. }
+            | BuildError::Disk(_)
+            | BuildError::Tap(_) => 2,
             BuildError::Boot(e) => match e {
                 BootError::ZeroPage(_)
                 | BootError::CmdlineLoad(_)
@@ -153,13 +171,17 @@ pub fn build_with(
     }
     memory::register(&vm, &mem)?;
 
+    // virtio devices first: each one adds its virtio_mmio.device= parameter.
+    let mut mmio_bus = Bus::new();
+    let (virtio, balloon, device_params) = add_virtio_devices(&config, &vm, &mem, &mut mmio_bus)?;
+
     let low_mem_end = mem_bytes.min(MMIO_GAP_START);
     let kernel = boot::load_kernel(&mem, &config.kernel, low_mem_end)?;
     let initrd = match &config.initrd {
         Some(p) => Some(boot::load_initrd(&mem, p, &kernel, low_mem_end)?),
         None => None,
     };
-    let cmdline = config.cmdline().to_owned();
+    let cmdline = full_cmdline(config.cmdline(), &device_params);
     boot::load_command_line(&mem, &cmdline, &kernel)?;
     let e820 = e820_map(mem_bytes);
     boot::setup_zero_page(&mem, &kernel, cmdline.len(), initrd, &e820)?;
@@ -189,7 +211,7 @@ pub fn build_with(
     io_bus.insert(serial.clone(), SERIAL_PORT, 8)?;
     io_bus.insert(i8042.clone(), I8042_PORT, 5)?;
     let io_bus = Arc::new(io_bus);
-    let mmio_bus = Arc::new(Bus::new());
+    let mmio_bus = Arc::new(mmio_bus);
 
     let base_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -211,6 +233,49 @@ pub fn build_with(
         i8042,
         reset_evt,
         vcpus,
+        virtio,
+        balloon,
         _kvm: kvm,
     })
+}
+
+/// The user's command line followed by the device parameters.
+fn full_cmdline(base: &str, device_params: &[String]) -> String {
+    std::iter::once(base)
+        .chain(device_params.iter().map(String::as_str))
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+type VirtioSetup = (VirtioDevices, Option<BalloonHandle>, Vec<String>);
+
+/// Creates the configured virtio devices on the MMIO bus (disks, then nets,
+/// balloon and rng) and returns the command line parameters announcing them.
+fn add_virtio_devices(
+    config: &VmConfig,
+    vm: &kvm_ioctls::VmFd,
+    mem: &vm_memory::GuestMemoryMmap,
+    mmio_bus: &mut Bus,
+) -> Result<VirtioSetup, BuildError> {
+    let mut devices = VirtioDevices::new(Arc::new(mem.clone()));
+    let mut params = Vec::new();
+    for disk in &config.disks {
+        devices.add(Block::new(disk)?, mmio_bus, vm, &mut params)?;
+    }
+    for net in &config.nets {
+        devices.add(Net::new(net)?, mmio_bus, vm, &mut params)?;
+    }
+    let balloon = match &config.balloon {
+        Some(b) => {
+            let (dev, handle) = Balloon::new(b, mem)?;
+            devices.add(dev, mmio_bus, vm, &mut params)?;
+            Some(handle)
+        }
+        None => None,
+    };
+    if config.rng {
+        devices.add(Rng::new(), mmio_bus, vm, &mut params)?;
+    }
+    Ok((devices, balloon, params))
 }

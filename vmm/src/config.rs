@@ -7,6 +7,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::layout::{MAX_MEM_MIB, MIN_MEM_MIB};
+use crate::devices::virtio::{BalloonConfig, DiskConfig, NetConfig};
 
 /// The command line a guest gets when none is given: serial console,
 /// reboot through the i8042 (which the VMM sees), no PCI probing.
@@ -83,6 +84,21 @@ pub struct VmConfig {
     pub serial: SerialSink,
     /// Mark guest RAM MADV_MERGEABLE.
     pub ksm: bool,
+    /// virtio-blk disks, in the order the guest sees them.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net devices backed by existing TAP devices.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
+    /// The virtio entropy device.
+    #[serde(default = "default_true")]
+    pub rng: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl VmConfig {
@@ -144,6 +160,10 @@ mod tests {
             vcpus: 1,
             serial: SerialSink::Stdout,
             ksm: true,
+            disks: vec![],
+            nets: vec![],
+            balloon: None,
+            rng: true,
         }
     }
 

@@ -5,6 +5,7 @@
 //! vCPU threads, `devices` the emulated hardware, `vm`/`builder` assemble a VM
 //! from a validated `config`, and `stats`, `ksm` and `api` serve the hoster.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod cli;
@@ -16,5 +17,6 @@ pub mod logger;
 pub mod memory;
 pub mod service;
 pub mod shutdown;
+pub mod stats;
 pub mod vcpu;
 pub mod vm;

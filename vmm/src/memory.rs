@@ -36,15 +36,23 @@ pub struct HostRegion {
 }
 
 /// Maps `mem_bytes` of guest RAM (not yet touched, so not yet resident).
+///
+/// Guest RAM is kept out of core dumps (MADV_DONTDUMP): a VMM crash must not
+/// write a tenant's memory to the host's disk. The flag also keeps the
+/// kernel from merging a guest RAM mapping with an adjacent anonymous
+/// mapping, so each guest RAM region stays its own VMA(s) in smaps, which
+/// the statistics rely on.
 pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes)
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map {
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map {
         mib: mem_bytes >> 20,
         source,
-    })
+    })?;
+    madvise_all(&mem, libc::MADV_DONTDUMP, "MADV_DONTDUMP")?;
+    Ok(mem)
 }
 
 /// The host mappings behind guest RAM, for madvise and for statistics.
@@ -132,6 +140,7 @@ mod tests {
             .collect();
         let flags = block.lines().find(|l| l.starts_with("VmFlags")).unwrap();
         assert!(flags.split_whitespace().any(|f| f == "mg"), "{flags}");
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
         set_mergeable(&mem, false).unwrap();
     }
 }

@@ -14,10 +14,12 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiServer, ApiSocket, LiveVm};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::{BalloonHandle, EventLoopError, VirtioDevices};
 use crate::shutdown::{GracefulShutdown, StopAction};
 use crate::vcpu::{ExitOutcome, Vcpu, VcpuError, VmControl};
 
@@ -31,6 +33,10 @@ pub enum VmError {
     KickHandler(vmm_sys_util::errno::Error),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error("virtio devices: {0}")]
+    Virtio(#[from] EventLoopError),
+    #[error("cannot start the API server: {0}")]
+    Api(std::io::Error),
 }
 
 /// Everything a running VM is made of.
@@ -44,6 +50,10 @@ pub struct Vm {
     /// Written by the i8042 when the guest resets the machine.
     pub reset_evt: EventFd,
     pub vcpus: Vec<Vcpu>,
+    /// virtio devices, started on their own event-loop thread by `run`.
+    pub virtio: VirtioDevices,
+    /// Set when the VM has a balloon: the API's handle on it.
+    pub balloon: Option<BalloonHandle>,
     /// Keeps /dev/kvm open for the VM's lifetime.
     pub _kvm: kvm_ioctls::Kvm,
 }
@@ -120,14 +130,22 @@ impl Vm {
     /// Runs the VM to completion and returns why it stopped; SIGINT/SIGTERM
     /// stop it at once.
     pub fn run(self) -> Result<ExitOutcome, VmError> {
-        self.run_supervised(Duration::ZERO, &mut NoSupervisor)
+        self.run_with_api(None)
     }
 
-    /// Runs the VM to completion under `sup`. The first SIGINT/SIGTERM asks
-    /// the guest to shut down (Ctrl-Alt-Del) and stops the VM after
-    /// `shutdown_timeout` if it has not; a second signal stops it at once.
+    /// Like [`Vm::run`], serving the control API on `api` while the vCPUs
+    /// run; the socket is removed when the VM ends, also on error paths.
+    pub fn run_with_api(self, api: Option<ApiSocket>) -> Result<ExitOutcome, VmError> {
+        self.run_supervised(api, Duration::ZERO, &mut NoSupervisor)
+    }
+
+    /// Runs the VM to completion under `sup`, serving the control API on
+    /// `api`. The first SIGINT/SIGTERM asks the guest to shut down
+    /// (Ctrl-Alt-Del) and stops the VM after `shutdown_timeout` if it has
+    /// not; a second signal stops it at once.
     pub fn run_supervised(
         mut self,
+        api: Option<ApiSocket>,
         shutdown_timeout: Duration,
         sup: &mut dyn Supervisor,
     ) -> Result<ExitOutcome, VmError> {
@@ -152,6 +170,20 @@ impl Vm {
         if let Some(fd) = sup.guest_ready_fd() {
             epoll_add(&epoll, fd, TOKEN_READY)?;
         }
+
+        // After the signal mask above, so the server's threads inherit it;
+        // dropped when run returns, after the vCPUs are joined.
+        let _api = match api {
+            Some(socket) => {
+                let vm = LiveVm::with_sampler(&self.config, self.control.clone(), self.mem.clone())
+                    .with_balloon(self.balloon.clone());
+                Some(ApiServer::start(socket, Arc::new(vm)).map_err(VmError::Api)?)
+            }
+            None => None,
+        };
+
+        // Device work runs on its own thread, never on a vCPU thread.
+        let devices = self.virtio.start()?;
 
         let handles: Vec<JoinHandle<()>> = std::mem::take(&mut self.vcpus)
             .into_iter()
@@ -192,7 +224,7 @@ impl Vm {
                             let name = Signal::try_from(info.ssi_signo as i32)
                                 .map(|s| s.as_str())
                                 .unwrap_or("signal");
-                            self.on_stop_signal(name, &mut shutdown, sup);
+                            on_stop_signal(name, &self.i8042, &self.control, &mut shutdown, sup);
                         }
                     }
                     TOKEN_READY => sup.guest_ready(),
@@ -227,35 +259,46 @@ impl Vm {
                 log::error!("a vCPU thread panicked");
             }
         }
-        // TODO(virtio): flush the disks here, after the vCPUs have stopped.
+        // With the vCPUs stopped no new requests arrive; the devices finish
+        // what they have (disk writes included) before the VMM exits.
+        if let Err(e) = devices.stop() {
+            log::error!("cannot stop the virtio devices: {e}");
+        }
+        if let Err(e) = devices.join() {
+            log::error!("virtio devices: {e}");
+        }
+        // Whatever the guest wrote is on the host's disk before the VMM exits.
+        crate::shutdown::flush_disks(&self.config.disks);
         Ok(self
             .control
             .outcome()
             .unwrap_or_else(|| ExitOutcome::Stopped("no reason recorded".into())))
     }
+}
 
-    fn on_stop_signal(
-        &self,
-        name: &str,
-        shutdown: &mut GracefulShutdown,
-        sup: &mut dyn Supervisor,
-    ) {
-        match shutdown.on_signal(Instant::now()) {
-            StopAction::AskGuest => {
-                let timeout = shutdown.timeout();
-                log::info!(
-                    "received {name}: asking the guest to shut down (Ctrl-Alt-Del); stopping the VM in {} s at the latest",
-                    timeout.as_secs()
-                );
-                lock(&self.i8042).send_ctrl_alt_del();
-                sup.stopping(timeout);
-            }
-            StopAction::StopNow => {
-                log::info!("received {name}, stopping the VM");
-                sup.stopping(Duration::ZERO);
-                self.control
-                    .request_exit(ExitOutcome::Stopped(name.to_string()));
-            }
+/// The first stop signal asks the guest to shut down; a second one, or any
+/// with a zero shutdown timeout, stops the VM at once.
+fn on_stop_signal(
+    name: &str,
+    i8042: &Mutex<I8042>,
+    control: &VmControl,
+    shutdown: &mut GracefulShutdown,
+    sup: &mut dyn Supervisor,
+) {
+    match shutdown.on_signal(Instant::now()) {
+        StopAction::AskGuest => {
+            let timeout = shutdown.timeout();
+            log::info!(
+                "received {name}: asking the guest to shut down (Ctrl-Alt-Del); stopping the VM in {} s at the latest",
+                timeout.as_secs()
+            );
+            lock(i8042).send_ctrl_alt_del();
+            sup.stopping(timeout);
+        }
+        StopAction::StopNow => {
+            log::info!("received {name}, stopping the VM");
+            sup.stopping(Duration::ZERO);
+            control.request_exit(ExitOutcome::Stopped(name.to_string()));
         }
     }
 }

@@ -2,15 +2,29 @@
 //! for and maps errors to exit statuses (2 = bad input, 1 = failure).
 
 pub mod config;
+mod error;
+mod exporter;
+mod fleet;
+mod format;
 pub mod ksm;
+mod list;
 mod run;
+mod stats;
+mod top;
+
+pub use error::CliError;
+pub use fleet::{discover, VmEntry, VmStatus};
+pub use top::{build_frame, render_text, Frame};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::api::runtime_dir;
 use crate::config::SerialSink;
+use crate::devices::virtio::{BalloonConfig, DiskConfig, NetConfig};
 use crate::instance::{ReadyMode, Settings};
 
 #[derive(Parser, Debug)]
@@ -26,13 +40,45 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a guest and run it until it powers off or is stopped.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Inspect and tune the host's KSM.
     #[command(subcommand)]
     Ksm(ksm::KsmCommand),
-    /// Work with instance files.
+    /// Work with instance files (/etc/ksmvm/NAME.toml).
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// List the VMs of the runtime directory ($KSMVM_RUNTIME_DIR, default /run/ksmvm).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM's memory and KSM statistics.
+    Stats {
+        /// VM name (its socket is RUNTIME_DIR/NAME.sock).
+        name: String,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        /// The VM's API socket, if not the default one.
+        #[arg(long)]
+        api_sock: Option<PathBuf>,
+    },
+    /// Live table of every VM with the host's KSM totals (q quits).
+    Top {
+        /// Print one plain-text frame and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        /// Refresh interval.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
+    /// Serve Prometheus metrics of every VM and of the host's KSM over HTTP.
+    Exporter {
+        /// Address to listen on, e.g. 127.0.0.1:9810 (port 0: any free port).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 /// `ksmvm run`: every flag is optional so that, with `--config`, exactly
@@ -61,12 +107,30 @@ pub struct RunArgs {
     #[arg(long)]
     pub serial: Option<SerialSink>,
     /// Mark guest memory MADV_MERGEABLE for KSM: on or off [default: on].
-    #[arg(long, value_parser = parse_on_off)]
+    #[arg(long, value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub ksm: Option<bool>,
     /// VM name (used for the API socket and in statistics) [default: the
     /// instance file's name, else "vm"].
     #[arg(long)]
     pub name: Option<String>,
+    /// Control API socket (default: RUNTIME_DIR/NAME.sock, where RUNTIME_DIR
+    /// is $KSMVM_RUNTIME_DIR or /run/ksmvm).
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+    /// A virtio-blk disk: path=FILE[,ro=on][,id=NAME] (repeatable; replaces
+    /// the instance file's disks).
+    #[arg(long, value_name = "path=FILE[,ro=on][,id=NAME]")]
+    pub disk: Vec<DiskConfig>,
+    /// A virtio-net device on an existing TAP: tap=NAME[,mac=MAC]
+    /// (repeatable; replaces the instance file's nets).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    pub net: Vec<NetConfig>,
+    /// A virtio balloon: [deflate-on-oom=on][,free-page-reporting=on][,stats-interval-s=N].
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS")]
+    pub balloon: Option<BalloonConfig>,
+    /// The virtio entropy device: on or off [default: on].
+    #[arg(long, value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub rng: Option<bool>,
     /// Seconds a guest asked to shut down (SIGTERM) may take before the VM
     /// is stopped; 0 stops it at once [default: 0].
     #[arg(long, value_name = "SECONDS")]
@@ -108,6 +172,11 @@ impl RunArgs {
             vcpus: self.vcpus,
             ksm: self.ksm,
             serial: self.serial.clone(),
+            api_sock: self.api_sock.clone(),
+            disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
+            net: (!self.net.is_empty()).then(|| self.net.clone()),
+            balloon: self.balloon.clone(),
+            rng: self.rng,
             shutdown_timeout_s: self.shutdown_timeout_s,
             ready: self.ready,
             ready_marker: self.ready_marker.clone(),
@@ -133,5 +202,47 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Config(cmd) => config::run(cmd),
+        Command::List { json } => report(list::run(&runtime_dir(), json, &mut stdout())),
+        Command::Stats {
+            name,
+            json,
+            api_sock,
+        } => report(
+            stats_socket(&name, api_sock)
+                .and_then(|socket| stats::run(&socket, json, &mut stdout())),
+        ),
+        Command::Top { once, interval_ms } => report(top::run(
+            &runtime_dir(),
+            once,
+            Duration::from_millis(interval_ms),
+            &mut stdout(),
+        )),
+        Command::Exporter { listen } => report(exporter::run(listen, runtime_dir(), &mut stdout())),
+    }
+}
+
+fn stdout() -> std::io::StdoutLock<'static> {
+    std::io::stdout().lock()
+}
+
+fn report(r: Result<(), CliError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report_error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--api-sock`, else RUNTIME_DIR/NAME.sock (the name becomes a file name,
+/// so it is validated first).
+fn stats_socket(name: &str, api_sock: Option<PathBuf>) -> Result<PathBuf, CliError> {
+    match api_sock {
+        Some(p) => Ok(p),
+        None => {
+            crate::config::validate_name(name)?;
+            Ok(crate::api::socket_path_in(&runtime_dir(), name))
+        }
     }
 }

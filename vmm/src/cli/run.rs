@@ -35,12 +35,7 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
         }
     };
     let stop_watchdog = args.debug_stop_watchdog_after_s.map(Duration::from_secs);
-    let mut sup = match SystemdSupervisor::new(
-        &inst.service,
-        inst.vm.mem_bytes(),
-        inst.vm.ksm,
-        stop_watchdog,
-    ) {
+    let mut sup = match SystemdSupervisor::new(&inst.service, inst.vm.ksm, stop_watchdog) {
         Ok(s) => s,
         Err(e) => {
             report_error(&format!("cannot set up service notifications: {e}"));
@@ -48,6 +43,7 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
         }
     };
     let sink = inst.vm.serial.clone();
+    let name = inst.vm.name.clone();
     let vm = match crate::builder::build_with(inst.vm, |out| sup.serial_tap(&sink, out)) {
         Ok(vm) => vm,
         Err(e) => {
@@ -55,7 +51,15 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
             return ExitCode::from(e.exit_code());
         }
     };
-    match vm.run_supervised(inst.service.shutdown_timeout, &mut sup) {
+    // After the build, which validated the name that names the socket.
+    let socket = match crate::api::ApiSocket::bind(&inst.api_sock, &name) {
+        Ok(s) => s,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::FAILURE;
+        }
+    };
+    match vm.run_supervised(Some(socket), inst.service.shutdown_timeout, &mut sup) {
         Ok(outcome) if outcome.is_success() => {
             log::info!("{outcome}");
             ExitCode::SUCCESS

@@ -74,14 +74,38 @@ fn find_in_value(value: &Spanned<DeValue<'_>>, offset: usize, path: &mut String)
     }
 }
 
-/// Byte span of the value of top-level `key`, for errors found after
-/// parsing (a value out of range) that must still point into the file.
-pub fn value_span(src: &str, key: &str) -> Option<Range<usize>> {
+/// Byte span of the value at `path` (`mem_mib`, `disk[1].path`), for
+/// errors found after parsing (a value out of range, a missing file) that
+/// must still point into the file.
+pub fn value_span(src: &str, path: &str) -> Option<Range<usize>> {
     let doc = DeTable::parse(src).ok()?;
-    doc.get_ref()
-        .iter()
-        .find(|(k, _)| k.get_ref() == key)
-        .map(|(_, v)| v.span())
+    let mut segments = path.split('.');
+    let (first, index) = split_index(segments.next()?);
+    let mut value = doc.get_ref().iter().find(|(k, _)| k.get_ref() == first)?.1;
+    if let Some(i) = index {
+        value = value.get_ref().as_array()?.get(i)?;
+    }
+    for seg in segments {
+        let (key, index) = split_index(seg);
+        value = value
+            .get_ref()
+            .as_table()?
+            .iter()
+            .find(|(k, _)| k.get_ref() == key)?
+            .1;
+        if let Some(i) = index {
+            value = value.get_ref().as_array()?.get(i)?;
+        }
+    }
+    Some(value.span())
+}
+
+/// `disk[1]` → (`disk`, Some(1)); `mem_mib` → (`mem_mib`, None).
+fn split_index(seg: &str) -> (&str, Option<usize>) {
+    match seg.strip_suffix(']').and_then(|s| s.split_once('[')) {
+        Some((key, i)) => (key, i.parse().ok()),
+        None => (seg, None),
+    }
 }
 
 #[cfg(test)]
@@ -118,5 +142,8 @@ mod tests {
         let span = value_span(SRC, "mem_mib").unwrap();
         assert_eq!(&SRC[span], "64");
         assert_eq!(value_span(SRC, "vcpus"), None);
+        let span = value_span(SRC, "disk[1].path").unwrap();
+        assert_eq!(&SRC[span], "\"/b\"");
+        assert_eq!(value_span(SRC, "disk[2].path"), None);
     }
 }

@@ -39,6 +39,8 @@ pub struct ServiceConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Instance {
     pub vm: VmConfig,
+    /// The control API socket: `api_sock`, else RUNTIME_DIR/NAME.sock.
+    pub api_sock: PathBuf,
     pub service: ServiceConfig,
 }
 
@@ -96,7 +98,7 @@ impl InstanceFile {
         })
     }
 
-    /// `FILE:LINE:COLUMN: key` of a top-level key's value.
+    /// `FILE:LINE:COLUMN: key` of a key's value (`mem_mib`, `disk[1].path`).
     fn at_key(&self, key: &str) -> String {
         match locate::value_span(&self.text, key) {
             Some(span) => with_key(location(&self.path, &self.text, span.start), Some(key)),
@@ -133,10 +135,12 @@ struct Origins<'a> {
 }
 
 impl Origins<'_> {
+    /// `key` may be a path (`disk[1].path`): the flag is its first part's.
     fn at(&self, key: &str) -> String {
+        let top = key.split(['.', '[']).next().unwrap_or(key);
         match self.file {
-            Some(f) if !self.flags.has(key) => f.at_key(key),
-            _ => format!("--{}", key.replace('_', "-")),
+            Some(f) if !self.flags.has(top) => f.at_key(key),
+            _ => format!("--{}", top.replace('_', "-")),
         }
     }
 
@@ -145,6 +149,20 @@ impl Origins<'_> {
             at: self.at(key),
             message: message.into(),
         }
+    }
+}
+
+/// Checks that a file the VM needs exists: a regular file, or for a disk
+/// also a block device.
+fn check_file(origins: &Origins, key: &str, what: &str, path: &Path) -> Result<(), InstanceError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() || (what == "disk" && m.file_type().is_block_device()) => Ok(()),
+        Ok(_) => Err(origins.invalid(
+            key,
+            format!("cannot open {what} {}: not a regular file", path.display()),
+        )),
+        Err(e) => Err(origins.invalid(key, format!("cannot open {what} {}: {e}", path.display()))),
     }
 }
 
@@ -179,22 +197,13 @@ pub fn resolve(
             message: "no guest kernel: set `kernel` in the instance file or give --kernel".into(),
         });
     };
-    for (key, path) in [("kernel", Some(&kernel)), ("initrd", s.initrd.as_ref())] {
-        let Some(path) = path else { continue };
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => {}
-            Ok(_) => {
-                return Err(origins.invalid(
-                    key,
-                    format!("cannot open {key} {}: not a regular file", path.display()),
-                ))
-            }
-            Err(e) => {
-                return Err(
-                    origins.invalid(key, format!("cannot open {key} {}: {e}", path.display()))
-                )
-            }
-        }
+    check_file(&origins, "kernel", "kernel", &kernel)?;
+    if let Some(initrd) = &s.initrd {
+        check_file(&origins, "initrd", "initrd", initrd)?;
+    }
+    let disks = s.disk.unwrap_or_default();
+    for (i, d) in disks.iter().enumerate() {
+        check_file(&origins, &format!("disk[{i}].path"), "disk", &d.path)?;
     }
 
     let name = s
@@ -210,6 +219,10 @@ pub fn resolve(
         vcpus: s.vcpus.unwrap_or(DEFAULT_VCPUS),
         serial: s.serial.unwrap_or(crate::config::SerialSink::Stdout),
         ksm: s.ksm.unwrap_or(true),
+        disks,
+        nets: s.net.unwrap_or_default(),
+        balloon: s.balloon,
+        rng: s.rng.unwrap_or(true),
     };
     vm.validate(max_vcpus)
         .map_err(|e| origins.invalid(config_error_key(&e), e.to_string()))?;
@@ -234,8 +247,12 @@ pub fn resolve(
         }
         _ => {}
     }
+    let api_sock = s
+        .api_sock
+        .unwrap_or_else(|| crate::api::socket_path(&vm.name));
     Ok(Instance {
         vm,
+        api_sock,
         service: ServiceConfig {
             shutdown_timeout: Duration::from_secs(timeout_s),
             ready,

@@ -7,9 +7,12 @@ use serde::Deserialize;
 
 use super::ReadyMode;
 use crate::config::SerialSink;
+use crate::devices::virtio::{BalloonConfig, DiskConfig, NetConfig};
 
 /// One instance file (`/etc/ksmvm/NAME.toml`). The keys are the `ksmvm run`
-/// flags with `_` for `-`; unknown keys are errors.
+/// flags with `_` for `-` (`[[disk]]`, `[[net]]` and `[balloon]` are tables
+/// with the keys of `--disk`, `--net` and `--balloon`); unknown keys are
+/// errors.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -21,6 +24,12 @@ pub struct Settings {
     pub vcpus: Option<u32>,
     pub ksm: Option<bool>,
     pub serial: Option<SerialSink>,
+    pub api_sock: Option<PathBuf>,
+    /// `--disk` flags replace the whole list, as do `--net` flags.
+    pub disk: Option<Vec<DiskConfig>>,
+    pub net: Option<Vec<NetConfig>>,
+    pub balloon: Option<BalloonConfig>,
+    pub rng: Option<bool>,
     pub shutdown_timeout_s: Option<u64>,
     pub ready: Option<ReadyMode>,
     pub ready_marker: Option<String>,
@@ -38,6 +47,11 @@ macro_rules! for_each_setting {
         $m!(vcpus);
         $m!(ksm);
         $m!(serial);
+        $m!(api_sock);
+        $m!(disk);
+        $m!(net);
+        $m!(balloon);
+        $m!(rng);
         $m!(shutdown_timeout_s);
         $m!(ready);
         $m!(ready_marker);
@@ -88,6 +102,12 @@ impl Settings {
         if let Some(SerialSink::File(p)) = self.serial.as_mut() {
             anchor(p);
         }
+        if let Some(p) = self.api_sock.as_mut() {
+            anchor(p);
+        }
+        for d in self.disk.iter_mut().flatten() {
+            anchor(&mut d.path);
+        }
     }
 }
 
@@ -120,6 +140,7 @@ mod tests {
             kernel: Some("vmlinux".into()),
             initrd: Some("/abs/initrd".into()),
             serial: Some(SerialSink::File("log/serial.log".into())),
+            disk: Some(vec!["path=data.img".parse().unwrap()]),
             ..Default::default()
         };
         s.anchor_paths(Path::new("/etc/ksmvm"));
@@ -129,5 +150,6 @@ mod tests {
             s.serial,
             Some(SerialSink::File("/etc/ksmvm/log/serial.log".into()))
         );
+        assert_eq!(s.disk.unwrap()[0].path, Path::new("/etc/ksmvm/data.img"));
     }
 }

@@ -201,10 +201,66 @@ fn shipped_examples_parse() {
         let f = InstanceFile::parse(Path::new(name), text.to_owned())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(f.settings.kernel.is_some(), "{name}");
+        if name == "mastodon.toml" {
+            let disks = f.settings.disk.as_ref().unwrap();
+            assert_eq!(disks.len(), 2);
+            assert!(disks[0].read_only && !disks[1].read_only);
+            assert_eq!(f.settings.net.as_ref().unwrap().len(), 1);
+            assert!(f.settings.balloon.as_ref().unwrap().free_page_reporting);
+        }
         assert_eq!(f.settings.ready, Some(ReadyMode::Guest), "{name}");
     }
     crate::ksm::parse_tuning(include_str!("../../systemd/examples/ksm.toml"))
         .unwrap_or_else(|e| panic!("ksm.toml: {e}"))
         .validate()
         .unwrap_or_else(|e| panic!("ksm.toml: {e}"));
+}
+
+#[test]
+fn devices_and_api_socket() {
+    let dir = std::env::temp_dir().join(format!("ksmvm-inst-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("root.img"), b"").unwrap();
+    let text = format!(
+        "kernel = \"{KERNEL}\"\napi_sock = \"api.sock\"\nrng = false\n\n\
+         [[disk]]\npath = \"root.img\"\nro = true\n\n\
+         [[disk]]\npath = \"missing.img\"\n\n\
+         [[net]]\ntap = \"tap0\"\n\n\
+         [balloon]\ndeflate-on-oom = true\n"
+    );
+    let file = InstanceFile::parse(&dir.join("vm1.toml"), text.clone()).unwrap();
+    // The second disk does not exist: the error points at its path.
+    let e = resolve(Some(&file), Settings::default(), 2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("vm1.toml:10:8: disk[1].path: cannot open disk"),
+        "{e}"
+    );
+    // --disk flags replace the file's disks.
+    let flags = Settings {
+        disk: Some(vec![format!("path={}", dir.join("root.img").display())
+            .parse()
+            .unwrap()]),
+        ..Default::default()
+    };
+    let i = resolve(Some(&file), flags, 2).unwrap();
+    assert_eq!(i.vm.disks.len(), 1);
+    assert!(!i.vm.disks[0].read_only);
+    assert_eq!(i.vm.nets.len(), 1);
+    assert!(i.vm.balloon.as_ref().unwrap().deflate_on_oom);
+    assert!(!i.vm.rng);
+    assert_eq!(i.api_sock, dir.join("api.sock"));
+    let e = parse("[[disk]]\npath = \"/x\"\nsize = 3\n").unwrap_err();
+    assert!(
+        e.starts_with("/etc/ksmvm/t.toml:3:1: disk[0].size: unknown field `size`"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn default_api_socket_is_named_after_the_vm() {
+    let i = resolve_text(&format!("kernel = \"{KERNEL}\""), Settings::default()).unwrap();
+    assert_eq!(i.api_sock, crate::api::socket_path("t"));
 }

@@ -20,7 +20,6 @@ use watchdog::{Watchdog, WatchdogAction};
 use crate::config::SerialSink;
 use crate::devices::serial::SerialOut;
 use crate::instance::{ReadyMode, ServiceConfig};
-use crate::memory::HostRegion;
 use crate::vm::Supervisor;
 
 /// How often the STATUS= memory line is refreshed.
@@ -44,8 +43,8 @@ pub struct SystemdSupervisor {
     ready_evt: Option<EventFd>,
     watchdog_stop_after: Option<Duration>,
     watchdog: Option<Watchdog>,
-    regions: Vec<HostRegion>,
-    guest_bytes: u64,
+    /// Set once the VM runs (it needs the guest memory).
+    mem_status: Option<memstatus::MemStatus>,
     ksm: bool,
     phase: Phase,
     next_status: Option<Instant>,
@@ -58,7 +57,6 @@ impl SystemdSupervisor {
     /// after that long, to test that systemd restarts a silent VMM.
     pub fn new(
         service: &ServiceConfig,
-        guest_bytes: u64,
         ksm: bool,
         watchdog_stop_after: Option<Duration>,
     ) -> std::io::Result<Self> {
@@ -72,8 +70,7 @@ impl SystemdSupervisor {
             ready_evt,
             watchdog_stop_after,
             watchdog: None,
-            regions: Vec::new(),
-            guest_bytes,
+            mem_status: None,
             ksm,
             phase: Phase::Booting,
             next_status: None,
@@ -114,10 +111,11 @@ impl SystemdSupervisor {
         }
     }
 
-    fn running_status(&self) -> String {
-        let mem = memstatus::sample(&self.regions)
-            .map(|s| memstatus::status_text(self.guest_bytes, self.ksm, &s))
-            .unwrap_or_else(|| "memory unknown".into());
+    fn running_status(&mut self) -> String {
+        let mem = self
+            .mem_status
+            .as_mut()
+            .map_or_else(|| "memory unknown".into(), memstatus::MemStatus::line);
         format!("running; {mem}")
     }
 
@@ -140,7 +138,7 @@ impl SystemdSupervisor {
 impl Supervisor for SystemdSupervisor {
     fn started(&mut self, mem: &GuestMemoryMmap) {
         let now = Instant::now();
-        self.regions = crate::memory::host_regions(mem);
+        self.mem_status = Some(memstatus::MemStatus::new(mem, self.ksm));
         if let Some(timeout) = sd_notify::watchdog_enabled() {
             log::info!(
                 "systemd watchdog: {timeout:?}; pinging every {:?}",

@@ -1,0 +1,200 @@
+//! A raw disk image: an open, locked file and byte-range operations on it.
+//! Every range a guest names is checked against the image size here, with
+//! checked arithmetic, before any system call sees it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use super::lock::{lock, LockError, LockKind};
+use crate::devices::virtio::config::DiskConfig;
+
+pub const SECTOR_SIZE: u64 = 512;
+/// Length of the virtio-blk serial returned by GET_ID.
+pub const ID_LEN: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("disk image {path} is in use by another VM (lock held by pid {pid})")]
+    LockedBy { path: PathBuf, pid: u32 },
+    #[error("disk image {path} is in use by another VM (lock holder unknown)")]
+    Locked { path: PathBuf },
+    #[error("cannot lock disk image {path}: {source}")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("cannot find the size of disk image {path}: {source}")]
+    Size { path: PathBuf, source: io::Error },
+    #[error("disk image {path} is a directory")]
+    Directory { path: PathBuf },
+}
+
+/// A byte range of the image a request touches, already validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub offset: u64,
+    pub len: u64,
+}
+
+pub struct DiskImage {
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+    /// Usable size: the file size rounded down to whole sectors.
+    size: u64,
+    id: [u8; ID_LEN],
+}
+
+impl DiskImage {
+    /// Opens and locks the image (shared for read-only, exclusive otherwise).
+    pub fn open(cfg: &DiskConfig) -> Result<Self, ImageError> {
+        let path = cfg.path.clone();
+        let open_err = |source| ImageError::Open {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .open(&path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if meta.is_dir() {
+            return Err(ImageError::Directory { path });
+        }
+        let kind = if cfg.read_only {
+            LockKind::Shared
+        } else {
+            LockKind::Exclusive
+        };
+        match lock(&file, kind) {
+            Ok(()) => {}
+            Err(LockError::Held(Some(pid))) => return Err(ImageError::LockedBy { path, pid }),
+            Err(LockError::Held(None)) => return Err(ImageError::Locked { path }),
+            Err(LockError::Io(source)) => return Err(ImageError::Lock { path, source }),
+        }
+        // Seeking to the end also sizes block devices, whose metadata says 0.
+        let bytes = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| ImageError::Size {
+                path: path.clone(),
+                source,
+            })?;
+        if bytes % SECTOR_SIZE != 0 {
+            log::warn!(
+                "disk image {}: size {bytes} is not a multiple of {SECTOR_SIZE}; the last {} bytes are not visible to the guest",
+                path.display(),
+                bytes % SECTOR_SIZE
+            );
+        }
+        let id = match &cfg.id {
+            Some(id) => pad_id(id.as_str()),
+            // Stable for the same file, distinct between files.
+            None => pad_id(&format!("{:x}{:x}", meta.dev(), meta.ino())),
+        };
+        Ok(Self {
+            file,
+            path,
+            read_only: cfg.read_only,
+            size: bytes - bytes % SECTOR_SIZE,
+            id,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.size / SECTOR_SIZE
+    }
+
+    pub fn id(&self) -> &[u8; ID_LEN] {
+        &self.id
+    }
+
+    /// The byte range of `len` bytes at `sector`, if it is whole sectors and
+    /// lies inside the image.
+    pub fn range(&self, sector: u64, len: u64) -> Option<Range> {
+        if len % SECTOR_SIZE != 0 {
+            return None;
+        }
+        let offset = sector.checked_mul(SECTOR_SIZE)?;
+        let end = offset.checked_add(len)?;
+        (end <= self.size).then_some(Range { offset, len })
+    }
+
+    /// The range of `sectors` sectors at `sector` (discard, write zeroes).
+    pub fn sector_range(&self, sector: u64, sectors: u32) -> Option<Range> {
+        self.range(sector, u64::from(sectors).checked_mul(SECTOR_SIZE)?)
+    }
+
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    /// Makes written data durable (the guest's FLUSH).
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Deallocates `r`; reads of it return zeros afterwards.
+    pub fn punch_hole(&self, r: Range) -> io::Result<()> {
+        // The image size never exceeds i64::MAX (it came from lseek).
+        let (Ok(off), Ok(len)) = (i64::try_from(r.offset), i64::try_from(r.len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        loop {
+            // SAFETY: fallocate on our own fd; it touches no memory of ours.
+            let ret = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    len,
+                )
+            };
+            if ret == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Makes `r` read as zeros: a hole where the file system can, written
+    /// zeros where it cannot.
+    pub fn write_zeroes(&self, r: Range) -> io::Result<()> {
+        match self.punch_hole(r) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            other => return other,
+        }
+        let zeros = vec![0u8; 64 * 1024];
+        let mut done = 0u64;
+        while done < r.len {
+            let n = (r.len - done).min(zeros.len() as u64) as usize;
+            self.write_all_at(&zeros[..n], r.offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn pad_id(s: &str) -> [u8; ID_LEN] {
+    let mut id = [0u8; ID_LEN];
+    let n = s.len().min(ID_LEN);
+    id[..n].copy_from_slice(&s.as_bytes()[..n]);
+    id
+}

@@ -1,0 +1,516 @@
+//! User-facing device options: `--disk`, `--net`, `--balloon`, `--rng`.
+//!
+//! Each is a `KEY=VALUE[,KEY=VALUE...]` list on the command line (parsed by
+//! `FromStr`) and a table with the same keys in an instance file (serde), so
+//! the two spellings cannot drift apart. Values that would only fail later
+//! (a TAP name longer than IFNAMSIZ, a disk id longer than virtio allows)
+//! are rejected here, while the user is still looking.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceConfigError {
+    #[error("{0:?} is not KEY=VALUE")]
+    NotKeyValue(String),
+    #[error("unknown option {key:?} (known: {known})")]
+    UnknownKey { key: String, known: String },
+    #[error("option {0:?} given twice")]
+    Duplicate(String),
+    #[error("missing option {0}=")]
+    Missing(&'static str),
+    #[error("{key}={value:?}: expected on or off")]
+    Bool { key: String, value: String },
+    #[error("{key}={value:?}: expected a whole number")]
+    Number { key: String, value: String },
+    #[error("path= is empty")]
+    EmptyPath,
+    #[error("disk id {0:?}: use 1-20 printable ASCII characters (the virtio-blk serial)")]
+    DiskId(String),
+    #[error("TAP name {0:?}: use 1-15 characters, no '/', ':' or whitespace")]
+    TapName(String),
+    #[error("MAC address {0:?}: expected six hex bytes such as 06:00:ac:10:00:02")]
+    Mac(String),
+    #[error("MAC address {0}: a NIC needs a unicast address (first byte even)")]
+    MulticastMac(MacAddr),
+}
+
+type Result<T> = std::result::Result<T, DeviceConfigError>;
+
+/// Splits `a=1,b=2` and checks every key against `known`.
+fn parse_kv<'a>(s: &'a str, known: &[&str]) -> Result<Vec<(&'a str, &'a str)>> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for item in s.split(',').filter(|i| !i.is_empty()) {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| DeviceConfigError::NotKeyValue(item.to_owned()))?;
+        if !known.contains(&k) {
+            return Err(DeviceConfigError::UnknownKey {
+                key: k.to_owned(),
+                known: known.join(", "),
+            });
+        }
+        if out.iter().any(|(seen, _)| *seen == k) {
+            return Err(DeviceConfigError::Duplicate(k.to_owned()));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(DeviceConfigError::Bool {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        }),
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// The virtio-blk serial (VIRTIO_BLK_T_GET_ID): at most 20 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DiskId(String);
+
+impl DiskId {
+    pub const MAX_LEN: usize = 20;
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for DiskId {
+    type Error = DeviceConfigError;
+    fn try_from(s: String) -> Result<Self> {
+        let ok =
+            !s.is_empty() && s.len() <= Self::MAX_LEN && s.bytes().all(|b| b.is_ascii_graphic());
+        if ok {
+            Ok(DiskId(s))
+        } else {
+            Err(DeviceConfigError::DiskId(s))
+        }
+    }
+}
+
+impl From<DiskId> for String {
+    fn from(id: DiskId) -> String {
+        id.0
+    }
+}
+
+/// `--disk path=FILE[,ro=on][,id=NAME]`: a raw disk image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default, rename = "ro")]
+    pub read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<DiskId>,
+}
+
+impl FromStr for DiskConfig {
+    type Err = DeviceConfigError;
+    fn from_str(s: &str) -> Result<Self> {
+        let mut path = None;
+        let mut read_only = false;
+        let mut id = None;
+        for (k, v) in parse_kv(s, &["path", "ro", "id"])? {
+            match k {
+                "path" if v.is_empty() => return Err(DeviceConfigError::EmptyPath),
+                "path" => path = Some(PathBuf::from(v)),
+                "ro" => read_only = parse_bool(k, v)?,
+                _ => id = Some(DiskId::try_from(v.to_owned())?),
+            }
+        }
+        Ok(DiskConfig {
+            path: path.ok_or(DeviceConfigError::Missing("path"))?,
+            read_only,
+            id,
+        })
+    }
+}
+
+impl fmt::Display for DiskConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "path={},ro={}",
+            self.path.display(),
+            on_off(self.read_only)
+        )?;
+        if let Some(id) = &self.id {
+            write!(f, ",id={}", id.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+/// An Ethernet address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A stable, locally administered unicast address derived from `seed`
+    /// (the TAP name), so that a guest keeps its address across restarts
+    /// without the user picking one.
+    pub fn derived_from(seed: &str) -> MacAddr {
+        // FNV-1a: tiny, stable across Rust versions (unlike DefaultHasher).
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in seed.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        let b = h.to_le_bytes();
+        // 0x06: locally administered (bit 1), unicast (bit 0 clear).
+        MacAddr([0x06, b[0], b[1], b[2], b[3], b[4]])
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = DeviceConfigError;
+    fn from_str(s: &str) -> Result<Self> {
+        let err = || DeviceConfigError::Mac(s.to_owned());
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let p = parts.next().ok_or_else(err)?;
+            if p.len() != 2 {
+                return Err(err());
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| err())?;
+        }
+        if parts.next().is_some() {
+            return Err(err());
+        }
+        let mac = MacAddr(out);
+        if out[0] & 1 != 0 {
+            return Err(DeviceConfigError::MulticastMac(mac));
+        }
+        Ok(mac)
+    }
+}
+
+impl TryFrom<String> for MacAddr {
+    type Error = DeviceConfigError;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(m: MacAddr) -> String {
+        m.to_string()
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MacAddr({self})")
+    }
+}
+
+/// The name of an existing TAP interface: at most IFNAMSIZ - 1 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TapName(String);
+
+impl TapName {
+    pub const MAX_LEN: usize = libc::IFNAMSIZ - 1;
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TapName {
+    type Error = DeviceConfigError;
+    fn try_from(s: String) -> Result<Self> {
+        // The kernel's dev_valid_name(), which TUNSETIFF applies.
+        let ok = !s.is_empty()
+            && s.len() <= Self::MAX_LEN
+            && s != "."
+            && s != ".."
+            && s.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+        if ok {
+            Ok(TapName(s))
+        } else {
+            Err(DeviceConfigError::TapName(s))
+        }
+    }
+}
+
+impl From<TapName> for String {
+    fn from(t: TapName) -> String {
+        t.0
+    }
+}
+
+/// `--net tap=NAME[,mac=MAC]`: a virtio-net NIC on an existing TAP device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub tap: TapName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+}
+
+impl NetConfig {
+    /// The guest's MAC: the configured one, or one derived from the TAP name.
+    pub fn mac_or_default(&self) -> MacAddr {
+        self.mac
+            .unwrap_or_else(|| MacAddr::derived_from(self.tap.as_str()))
+    }
+}
+
+impl FromStr for NetConfig {
+    type Err = DeviceConfigError;
+    fn from_str(s: &str) -> Result<Self> {
+        let mut tap = None;
+        let mut mac = None;
+        for (k, v) in parse_kv(s, &["tap", "mac"])? {
+            match k {
+                "tap" => tap = Some(TapName::try_from(v.to_owned())?),
+                _ => mac = Some(v.parse()?),
+            }
+        }
+        Ok(NetConfig {
+            tap: tap.ok_or(DeviceConfigError::Missing("tap"))?,
+            mac,
+        })
+    }
+}
+
+impl fmt::Display for NetConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tap={}", self.tap.as_str())?;
+        if let Some(mac) = self.mac {
+            write!(f, ",mac={mac}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `--balloon [deflate-on-oom=on][,free-page-reporting=on][,stats-interval-s=N]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BalloonConfig {
+    /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM: the guest may take pages back
+    /// from the balloon instead of invoking its OOM killer.
+    pub deflate_on_oom: bool,
+    /// Offer VIRTIO_BALLOON_F_REPORTING: the guest reports free pages, which
+    /// the host drops (MADV_DONTNEED).
+    pub free_page_reporting: bool,
+    /// How often to ask the guest for memory statistics; 0 turns the
+    /// statistics queue off.
+    pub stats_interval_s: u32,
+}
+
+impl FromStr for BalloonConfig {
+    type Err = DeviceConfigError;
+    fn from_str(s: &str) -> Result<Self> {
+        let mut cfg = BalloonConfig::default();
+        let known = ["deflate-on-oom", "free-page-reporting", "stats-interval-s"];
+        for (k, v) in parse_kv(s, &known)? {
+            match k {
+                "deflate-on-oom" => cfg.deflate_on_oom = parse_bool(k, v)?,
+                "free-page-reporting" => cfg.free_page_reporting = parse_bool(k, v)?,
+                _ => {
+                    cfg.stats_interval_s = v.parse().map_err(|_| DeviceConfigError::Number {
+                        key: k.to_owned(),
+                        value: v.to_owned(),
+                    })?
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+impl fmt::Display for BalloonConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "deflate-on-oom={},free-page-reporting={},stats-interval-s={}",
+            on_off(self.deflate_on_oom),
+            on_off(self.free_page_reporting),
+            self.stats_interval_s
+        )
+    }
+}
+
+/// `--rng[=on|off]`: the entropy device, on unless turned off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RngConfig {
+    pub enabled: bool,
+}
+
+impl Default for RngConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+impl FromStr for RngConfig {
+    type Err = DeviceConfigError;
+    fn from_str(s: &str) -> Result<Self> {
+        if s.is_empty() {
+            return Ok(Self::default());
+        }
+        Ok(Self {
+            enabled: parse_bool("rng", s)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_parses_all_options_and_round_trips() {
+        let d: DiskConfig = "path=/var/img/a.raw,ro=on,id=root".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/var/img/a.raw"));
+        assert!(d.read_only);
+        assert_eq!(d.id.as_ref().unwrap().as_str(), "root");
+        assert_eq!(d.to_string().parse::<DiskConfig>().unwrap(), d);
+        let d: DiskConfig = "path=x.img".parse().unwrap();
+        assert!(!d.read_only);
+        assert_eq!(d.id, None);
+        let d: DiskConfig = "ro=off,path=x.img".parse().unwrap();
+        assert!(!d.read_only);
+    }
+
+    #[test]
+    fn disk_errors_name_the_problem() {
+        let e = |s: &str| s.parse::<DiskConfig>().unwrap_err().to_string();
+        assert_eq!(e(""), "missing option path=");
+        assert_eq!(e("ro=on"), "missing option path=");
+        assert_eq!(e("path="), "path= is empty");
+        assert_eq!(e("path=a,path=b"), "option \"path\" given twice");
+        assert_eq!(e("path=a,ro=yes"), "ro=\"yes\": expected on or off");
+        assert_eq!(
+            e("path=a,cache=none"),
+            "unknown option \"cache\" (known: path, ro, id)"
+        );
+        assert_eq!(e("/tmp/a.img"), "\"/tmp/a.img\" is not KEY=VALUE");
+        assert!(e("path=a,id=abcdefghijklmnopqrstu").contains("1-20 printable ASCII"));
+        assert!(e("path=a,id=a b").contains("1-20 printable ASCII"));
+        assert!(e("path=a,id=").contains("1-20"));
+    }
+
+    #[test]
+    fn net_parses_and_derives_a_stable_unicast_mac() {
+        let n: NetConfig = "tap=tap0,mac=06:00:AC:10:00:02".parse().unwrap();
+        assert_eq!(n.mac, Some(MacAddr([6, 0, 0xac, 0x10, 0, 2])));
+        assert_eq!(n.to_string(), "tap=tap0,mac=06:00:ac:10:00:02");
+        let n: NetConfig = "tap=vm1".parse().unwrap();
+        let m = n.mac_or_default();
+        assert_eq!(m, MacAddr::derived_from("vm1"));
+        assert_eq!(m.0[0] & 0b11, 0b10, "locally administered unicast");
+        assert_ne!(m, MacAddr::derived_from("vm2"));
+        // Pinned: a guest's address must not change between releases.
+        assert_eq!(
+            MacAddr::derived_from("tap0").to_string(),
+            "06:16:d0:ac:07:ef"
+        );
+    }
+
+    #[test]
+    fn net_errors() {
+        let e = |s: &str| s.parse::<NetConfig>().unwrap_err().to_string();
+        assert_eq!(e("mac=06:00:00:00:00:01"), "missing option tap=");
+        assert!(e("tap=averyveryverylongname").contains("1-15 characters"));
+        assert!(e("tap=a/b").contains("no '/'"));
+        assert!(e("tap=..").contains("TAP name"));
+        assert!(e("tap=t,mac=06:00:00:00:00").contains("six hex bytes"));
+        assert!(e("tap=t,mac=06:00:00:00:00:00:00").contains("six hex bytes"));
+        assert!(e("tap=t,mac=06:00:00:00:00:zz").contains("six hex bytes"));
+        assert!(e("tap=t,mac=6:0:0:0:0:1").contains("six hex bytes"));
+        assert_eq!(
+            e("tap=t,mac=01:00:5e:00:00:01"),
+            "MAC address 01:00:5e:00:00:01: a NIC needs a unicast address (first byte even)"
+        );
+    }
+
+    #[test]
+    fn balloon_defaults_and_options() {
+        assert_eq!(
+            "".parse::<BalloonConfig>().unwrap(),
+            BalloonConfig::default()
+        );
+        let b: BalloonConfig = "deflate-on-oom=on,free-page-reporting=on,stats-interval-s=5"
+            .parse()
+            .unwrap();
+        assert!(b.deflate_on_oom && b.free_page_reporting);
+        assert_eq!(b.stats_interval_s, 5);
+        assert_eq!(b.to_string().parse::<BalloonConfig>().unwrap(), b);
+        let e = |s: &str| s.parse::<BalloonConfig>().unwrap_err().to_string();
+        assert_eq!(
+            e("stats-interval-s=-1"),
+            "stats-interval-s=\"-1\": expected a whole number"
+        );
+        assert!(e("target=5").starts_with("unknown option \"target\""));
+    }
+
+    #[test]
+    fn rng_is_on_by_default() {
+        assert!(RngConfig::default().enabled);
+        assert!("".parse::<RngConfig>().unwrap().enabled);
+        assert!(!"off".parse::<RngConfig>().unwrap().enabled);
+        assert!("maybe".parse::<RngConfig>().is_err());
+    }
+
+    #[test]
+    fn serde_uses_the_cli_keys_and_validates() {
+        let d: DiskConfig =
+            serde_json::from_str(r#"{"path":"/a.img","ro":true,"id":"data"}"#).unwrap();
+        assert!(d.read_only);
+        assert_eq!(
+            serde_json::to_string(&d).unwrap(),
+            r#"{"path":"/a.img","ro":true,"id":"data"}"#
+        );
+        assert!(serde_json::from_str::<DiskConfig>(r#"{"path":"/a","id":"x y"}"#).is_err());
+        assert!(serde_json::from_str::<DiskConfig>(r#"{"path":"/a","cache":1}"#).is_err());
+        let n: NetConfig =
+            serde_json::from_str(r#"{"tap":"tap0","mac":"06:00:00:00:00:01"}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&n).unwrap(),
+            r#"{"tap":"tap0","mac":"06:00:00:00:00:01"}"#
+        );
+        assert!(serde_json::from_str::<NetConfig>(r#"{"tap":"tap0","mac":"bad"}"#).is_err());
+        let b: BalloonConfig = serde_json::from_str(r#"{"stats-interval-s":3}"#).unwrap();
+        assert_eq!(b.stats_interval_s, 3);
+        assert!(!b.deflate_on_oom);
+        let r: RngConfig = serde_json::from_str("{}").unwrap();
+        assert!(r.enabled);
+    }
+}
