@@ -236,6 +236,25 @@ fn three_instances(sd: &Sd) {
     }
 }
 
+/// A data disk in /var/lib/ksmvm and a TAP device work inside the unit's
+/// sandbox (DeviceAllow=/dev/net/tun, CAP_NET_ADMIN, StateDirectory=), and
+/// the disk is flushed when the VM stops.
+fn devices_in_the_sandbox(sd: &Sd) {
+    let tap =
+        sd.0.host_in_netns(&["ip", "tuntap", "add", "dev", "ksmvmtap0", "mode", "tap"]);
+    assert!(tap.ok(), "cannot create a TAP in the container: {tap:?}");
+    sd.ok("systemctl start ksmvm@dev");
+    sd.assert_active("ksmvm@dev");
+    sd.ok("systemctl stop ksmvm@dev");
+    assert_eq!(sd.prop("ksmvm@dev", "ExecMainStatus"), "0");
+    let j = sd.journal("ksmvm@dev");
+    assert!(
+        j.contains("flushed disk /var/lib/ksmvm/dev-data.img"),
+        "{j}"
+    );
+    assert!(!j.contains("error"), "{j}");
+}
+
 /// ksmvm-ksm.service applies /etc/ksmvm/ksm.toml through its sandbox. The
 /// file holds the host's current values (read under the KSM host lock), so
 /// the host's KSM is written but not changed.
@@ -332,6 +351,19 @@ fn ksmvm_units_under_a_real_systemd() {
             path: "/dev/kvm",
         },
     ];
+    let dev_config = format!(
+        "{config}\n[[disk]]\npath = \"/var/lib/ksmvm/dev-data.img\"\nid = \"data\"\n\n\
+         [[net]]\ntap = \"ksmvmtap0\"\n"
+    );
+    let data_disk = vec![0u8; 1 << 20];
+    items.push(Item::File {
+        path: "/etc/ksmvm/dev.toml",
+        contents: dev_config.as_bytes(),
+    });
+    items.push(Item::File {
+        path: "/var/lib/ksmvm/dev-data.img",
+        contents: &data_disk,
+    });
     let names = ["probe", "wd", "a", "b", "c"];
     let paths: Vec<String> = names
         .iter()
@@ -358,7 +390,7 @@ fn ksmvm_units_under_a_real_systemd() {
     sd.ok("ksmvm config check /etc/ksmvm/probe.toml");
 
     type Step = fn(&Sd);
-    let steps: [(&str, Step); 6] = [
+    let steps: [(&str, Step); 7] = [
         ("start waits for the guest", start_waits_for_the_guest),
         ("SIGKILL restarts", sigkill_restarts),
         (
@@ -367,6 +399,7 @@ fn ksmvm_units_under_a_real_systemd() {
         ),
         ("silent watchdog restarts", silent_watchdog_restarts),
         ("three instances", three_instances),
+        ("a disk and a TAP in the sandbox", devices_in_the_sandbox),
         ("KSM tuning applies", ksm_tuning_applies),
     ];
     for (name, step) in steps {

@@ -1,4 +1,5 @@
-//! A real systemd as PID 1 of its own PID, mount and cgroup namespaces, on
+//! A real systemd as PID 1 of its own PID, mount, network and cgroup
+//! namespaces (its TAP devices never touch the host's network), on
 //! an overlay over the cached Debian rootfs (systemd-nspawn does not work on
 //! the development machines). Everything is torn down on drop: the
 //! processes (through the cgroup subtree), the namespaces with them, the
@@ -119,7 +120,7 @@ impl Container {
         // the cgroup namespace is rooted where the shell stands at unshare.
         let outer = format!(
             "for f in {procs}; do echo $$ > \"$f\"; done\n\
-             exec unshare --cgroup --fork --pid --mount --propagation private -- sh -c {inner}\n",
+             exec unshare --cgroup --fork --pid --mount --net --propagation private -- sh -c {inner}\n",
             procs = procs.join(" "),
             inner = sh_quote(&inner),
         );
@@ -254,6 +255,29 @@ impl Container {
             code,
             stdout: out.join().unwrap_or_default(),
             stderr: err.join().unwrap_or_default(),
+        }
+    }
+
+    /// Runs a host program (`ip`: the rootfs has no iproute2) inside the
+    /// container's network namespace only.
+    pub fn host_in_netns(&self, args: &[&str]) -> Out {
+        let pid = self.pid.to_string();
+        match Command::new("nsenter")
+            .args(["-t", &pid, "-n", "--"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(o) => Out {
+                code: o.status.code(),
+                stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            },
+            Err(e) => Out {
+                code: None,
+                stdout: String::new(),
+                stderr: format!("cannot run nsenter: {e}"),
+            },
         }
     }
 

@@ -59,7 +59,7 @@ pub fn flush_disks(disks: &[DiskConfig]) {
     for d in disks.iter().filter(|d| !d.read_only) {
         let synced = std::fs::File::open(&d.path).and_then(|f| f.sync_data());
         match synced {
-            Ok(()) => log::debug!("flushed {}", d.path.display()),
+            Ok(()) => log::info!("flushed disk {}", d.path.display()),
             Err(e) => log::error!("cannot flush disk {}: {e}", d.path.display()),
         }
     }
