@@ -417,3 +417,35 @@ fn ksmvm_units_under_a_real_systemd() {
     c.teardown().unwrap_or_else(|e| panic!("teardown: {e}"));
     eprintln!("systemd test took {:?}", t0.elapsed());
 }
+
+/// `ksmvm config check` validates an instance file without starting
+/// anything: exit 0, or exit 2 with FILE:LINE:COLUMN: key: problem. `run`
+/// refuses the same file the same way. Needs neither root nor KVM.
+#[test]
+fn config_check_names_file_line_and_key() {
+    let dir = TempDir::new("config-check");
+    let good = dir.path("good.toml");
+    std::fs::write(
+        &good,
+        format!("kernel = \"{KSMVM}\"\nmem_mib = 64\nready = \"guest\"\nready_marker = \"UP\"\n"),
+    )
+    .unwrap();
+    let (code, out, err) = run_to_end(&["config", "check", good.to_str().unwrap()], T);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ok (VM good, 64 MiB, 1 vCPU(s))"), "{out}");
+
+    let bad = dir.path("bad.toml");
+    std::fs::write(&bad, format!("kernel = \"{KSMVM}\"\n\nmem_mib = \"64\"\n")).unwrap();
+    let want = format!(
+        "{}:3:11: mem_mib: invalid type: string \"64\"",
+        bad.display()
+    );
+    for args in [
+        vec!["config", "check", bad.to_str().unwrap()],
+        vec!["run", "--config", bad.to_str().unwrap()],
+    ] {
+        let (code, _, err) = run_to_end(&args, T);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(&want), "{args:?}: {err}");
+    }
+}
