@@ -40,3 +40,4 @@ fmt:
 clean:
 	$(CARGO) clean
 	cd guest-image/probe && $(CARGO) clean
+include vmm/systemd/install.mk

@@ -132,6 +132,15 @@ pub fn max_vcpus(kvm: &Kvm) -> u32 {
 
 /// Builds a VM ready to run.
 pub fn build(config: VmConfig) -> Result<Vm, BuildError> {
+    build_with(config, Ok)
+}
+
+/// Builds a VM whose serial output passes through `serial_tap` on its way
+/// to the configured sink (the service layer watches it for a ready marker).
+pub fn build_with(
+    config: VmConfig,
+    serial_tap: impl FnOnce(SerialOut) -> std::io::Result<SerialOut>,
+) -> Result<Vm, BuildError> {
     let kvm = Kvm::new().map_err(BuildError::KvmOpen)?;
     config.validate(max_vcpus(&kvm))?;
     if !kvm.check_extension(Cap::Irqchip) {
@@ -187,7 +196,7 @@ pub fn build(config: VmConfig) -> Result<Vm, BuildError> {
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         serial_irq,
-        serial_out(&config.serial)?,
+        serial_tap(serial_out(&config.serial)?).map_err(BuildError::EventFd)?,
     )));
     let kbd_irq = eventfd()?;
     vm.register_irqfd(&kbd_irq, IRQ_I8042)

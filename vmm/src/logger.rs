@@ -42,9 +42,40 @@ impl Log for Logger {
     fn flush(&self) {}
 }
 
+/// Whether `fd` is the journal stream systemd set up: JOURNAL_STREAM is
+/// inherited by children whose output may go elsewhere, so compare its
+/// `device:inode` with the fd's, as systemd.exec(5) advises.
+pub fn is_journal_stream(fd: impl std::os::fd::AsFd) -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    match nix::sys::stat::fstat(fd) {
+        Ok(st) => dev.parse() == Ok(st.st_dev) && ino.parse() == Ok(st.st_ino),
+        Err(_) => false,
+    }
+}
+
+fn stderr_is_journal() -> bool {
+    is_journal_stream(std::io::stderr())
+}
+
+/// Prints a line that ends the program (an error the user must see at any
+/// log level), as an error-priority line under journald.
+pub fn fatal(msg: &str) {
+    let line = if stderr_is_journal() {
+        format!("<{}>{msg}\n", syslog_priority(Level::Error))
+    } else {
+        format!("{msg}\n")
+    };
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
 /// Installs the logger once; later calls only change the level.
 pub fn init(level: LevelFilter) {
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let journald = stderr_is_journal();
     let _ = log::set_boxed_logger(Box::new(Logger { journald }));
     log::set_max_level(level);
 }

@@ -3,9 +3,10 @@
 //! port, and report why it ended.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -19,6 +20,7 @@ use crate::devices::bus::lock;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::{BalloonHandle, EventLoopError, VirtioDevices};
+use crate::shutdown::{GracefulShutdown, StopAction};
 use crate::vcpu::{ExitOutcome, Vcpu, VcpuError, VmControl};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,45 @@ const TOKEN_EXIT: u64 = 0;
 const TOKEN_RESET: u64 = 1;
 const TOKEN_SIGNAL: u64 = 2;
 const TOKEN_STDIN: u64 = 3;
+const TOKEN_READY: u64 = 4;
+
+/// Whoever supervises the VMM (systemd, see `service`): the main loop
+/// reports to it and runs its periodic work. Every method has a no-op default.
+pub trait Supervisor {
+    /// The vCPUs are running.
+    fn started(&mut self, _mem: &GuestMemoryMmap) {}
+    /// Readable (an eventfd) once the guest has said it is up.
+    fn guest_ready_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// `guest_ready_fd` became readable.
+    fn guest_ready(&mut self) {}
+    /// When `tick` wants to run next.
+    fn next_tick(&self) -> Option<Instant> {
+        None
+    }
+    /// Runs after every wake-up of the main loop.
+    fn tick(&mut self, _now: Instant) {}
+    /// The VM is being stopped: the guest has `timeout` to shut down (zero:
+    /// it is stopped at once).
+    fn stopping(&mut self, _timeout: Duration) {}
+}
+
+/// For a VMM nobody supervises.
+pub struct NoSupervisor;
+impl Supervisor for NoSupervisor {}
+
+/// Milliseconds from `now` until `t` for epoll_wait, rounded up so that the
+/// loop does not wake just before `t` and spin.
+fn wait_ms(t: Option<Instant>, now: Instant) -> i32 {
+    match t {
+        None => -1,
+        Some(t) => {
+            let d = t.saturating_duration_since(now);
+            i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+        }
+    }
+}
 
 fn epoll_add(epoll: &Epoll, fd: i32, token: u64) -> Result<(), VmError> {
     epoll
@@ -86,7 +127,8 @@ fn stdin_is_input() -> bool {
 }
 
 impl Vm {
-    /// Runs the VM to completion and returns why it stopped.
+    /// Runs the VM to completion and returns why it stopped; SIGINT/SIGTERM
+    /// stop it at once.
     pub fn run(self) -> Result<ExitOutcome, VmError> {
         self.run_with_api(None)
     }
@@ -94,6 +136,19 @@ impl Vm {
     /// Like [`Vm::run`], serving the control API on `api` while the vCPUs
     /// run; the socket is removed when the VM ends, also on error paths.
     pub fn run_with_api(self, api: Option<ApiSocket>) -> Result<ExitOutcome, VmError> {
+        self.run_supervised(api, Duration::ZERO, &mut NoSupervisor)
+    }
+
+    /// Runs the VM to completion under `sup`, serving the control API on
+    /// `api`. The first SIGINT/SIGTERM asks the guest to shut down
+    /// (Ctrl-Alt-Del) and stops the VM after `shutdown_timeout` if it has
+    /// not; a second signal stops it at once.
+    pub fn run_supervised(
+        mut self,
+        api: Option<ApiSocket>,
+        shutdown_timeout: Duration,
+        sup: &mut dyn Supervisor,
+    ) -> Result<ExitOutcome, VmError> {
         // SIGINT/SIGTERM go to a signalfd read by this thread only; the vCPU
         // threads inherit the blocked mask.
         let mut sigs = SigSet::empty();
@@ -112,6 +167,9 @@ impl Vm {
         if stdin_is_input() && epoll_add(&epoll, libc::STDIN_FILENO, TOKEN_STDIN).is_err() {
             log::debug!("stdin cannot be polled; guest serial input disabled");
         }
+        if let Some(fd) = sup.guest_ready_fd() {
+            epoll_add(&epoll, fd, TOKEN_READY)?;
+        }
 
         // After the signal mask above, so the server's threads inherit it;
         // dropped when run returns, after the vCPUs are joined.
@@ -127,8 +185,7 @@ impl Vm {
         // Device work runs on its own thread, never on a vCPU thread.
         let devices = self.virtio.start()?;
 
-        let handles: Vec<JoinHandle<()>> = self
-            .vcpus
+        let handles: Vec<JoinHandle<()>> = std::mem::take(&mut self.vcpus)
             .into_iter()
             .map(|v| v.start(self.control.clone()))
             .collect::<Result<_, _>>()?;
@@ -137,10 +194,17 @@ impl Vm {
             self.config.name,
             handles.len()
         );
+        sup.started(&self.mem);
 
+        let mut shutdown = GracefulShutdown::new(shutdown_timeout);
         let mut events = vec![EpollEvent::default(); 8];
         while !self.control.stopping() {
-            let n = match epoll.wait(-1, &mut events) {
+            let now = Instant::now();
+            let wake = [sup.next_tick(), shutdown.deadline()]
+                .into_iter()
+                .flatten()
+                .min();
+            let n = match epoll.wait(wait_ms(wake, now), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -160,11 +224,10 @@ impl Vm {
                             let name = Signal::try_from(info.ssi_signo as i32)
                                 .map(|s| s.as_str())
                                 .unwrap_or("signal");
-                            log::info!("received {name}, stopping the VM");
-                            self.control
-                                .request_exit(ExitOutcome::Stopped(name.to_string()));
+                            on_stop_signal(name, &self.i8042, &self.control, &mut shutdown, sup);
                         }
                     }
+                    TOKEN_READY => sup.guest_ready(),
                     TOKEN_STDIN => {
                         let mut buf = [0u8; 1024];
                         match std::io::stdin().lock().read(&mut buf) {
@@ -181,6 +244,15 @@ impl Vm {
                     _ => {}
                 }
             }
+            let now = Instant::now();
+            if shutdown.expired(now) && !self.control.stopping() {
+                let secs = shutdown.timeout().as_secs();
+                log::warn!("the guest did not shut down within {secs} s; stopping the VM");
+                self.control.request_exit(ExitOutcome::Stopped(format!(
+                    "the guest did not shut down within {secs} s"
+                )));
+            }
+            sup.tick(now);
         }
         for h in handles {
             if h.join().is_err() {
@@ -195,9 +267,38 @@ impl Vm {
         if let Err(e) = devices.join() {
             log::error!("virtio devices: {e}");
         }
+        // Whatever the guest wrote is on the host's disk before the VMM exits.
+        crate::shutdown::flush_disks(&self.config.disks);
         Ok(self
             .control
             .outcome()
             .unwrap_or_else(|| ExitOutcome::Stopped("no reason recorded".into())))
+    }
+}
+
+/// The first stop signal asks the guest to shut down; a second one, or any
+/// with a zero shutdown timeout, stops the VM at once.
+fn on_stop_signal(
+    name: &str,
+    i8042: &Mutex<I8042>,
+    control: &VmControl,
+    shutdown: &mut GracefulShutdown,
+    sup: &mut dyn Supervisor,
+) {
+    match shutdown.on_signal(Instant::now()) {
+        StopAction::AskGuest => {
+            let timeout = shutdown.timeout();
+            log::info!(
+                "received {name}: asking the guest to shut down (Ctrl-Alt-Del); stopping the VM in {} s at the latest",
+                timeout.as_secs()
+            );
+            lock(i8042).send_ctrl_alt_del();
+            sup.stopping(timeout);
+        }
+        StopAction::StopNow => {
+            log::info!("received {name}, stopping the VM");
+            sup.stopping(Duration::ZERO);
+            control.request_exit(ExitOutcome::Stopped(name.to_string()));
+        }
     }
 }

@@ -1,12 +1,14 @@
 //! The thin `ksmvm` command line: parses arguments, builds what was asked
 //! for and maps errors to exit statuses (2 = bad input, 1 = failure).
 
+pub mod config;
 mod error;
 mod exporter;
 mod fleet;
 mod format;
 pub mod ksm;
 mod list;
+mod run;
 mod stats;
 mod top;
 
@@ -21,8 +23,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::runtime_dir;
-use crate::config::{SerialSink, VmConfig};
+use crate::config::SerialSink;
 use crate::devices::virtio::{BalloonConfig, DiskConfig, NetConfig};
+use crate::instance::{ReadyMode, Settings};
 
 #[derive(Parser, Debug)]
 #[command(name = "ksmvm", version, about = "A KSM-aware microVM monitor")]
@@ -37,10 +40,13 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a guest and run it until it powers off or is stopped.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Inspect and tune the host's KSM.
     #[command(subcommand)]
     Ksm(ksm::KsmCommand),
+    /// Work with instance files (/etc/ksmvm/NAME.toml).
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// List the VMs of the runtime directory ($KSMVM_RUNTIME_DIR, default /run/ksmvm).
     List {
         /// Print JSON instead of a table.
@@ -75,48 +81,75 @@ pub enum Command {
     },
 }
 
-#[derive(Args, Debug, Clone)]
+/// `ksmvm run`: every flag is optional so that, with `--config`, exactly
+/// the flags given override the file (see `instance`).
+#[derive(Args, Debug, Clone, Default)]
 pub struct RunArgs {
+    /// Instance file (TOML, e.g. /etc/ksmvm/NAME.toml); flags override its values.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Guest kernel: an ELF vmlinux or a bzImage with a 64-bit entry point.
     #[arg(long)]
-    pub kernel: PathBuf,
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line (default: serial console, reboot via i8042).
+    /// Kernel command line [default: serial console, reboot via i8042].
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    pub mem_mib: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
-    /// Guest serial output: stdout, file:PATH or none.
-    #[arg(long, default_value = "stdout")]
-    pub serial: SerialSink,
-    /// Mark guest memory MADV_MERGEABLE for KSM.
-    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
-    pub ksm: bool,
-    /// VM name (used for the API socket and in statistics).
-    #[arg(long, default_value = "vm")]
-    pub name: String,
+    /// Guest memory in MiB [default: 256].
+    #[arg(long)]
+    pub mem_mib: Option<u64>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Guest serial output: stdout, file:PATH or none [default: stdout].
+    #[arg(long)]
+    pub serial: Option<SerialSink>,
+    /// Mark guest memory MADV_MERGEABLE for KSM: on or off [default: on].
+    #[arg(long, value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub ksm: Option<bool>,
+    /// VM name (used for the API socket and in statistics) [default: the
+    /// instance file's name, else "vm"].
+    #[arg(long)]
+    pub name: Option<String>,
     /// Control API socket (default: RUNTIME_DIR/NAME.sock, where RUNTIME_DIR
     /// is $KSMVM_RUNTIME_DIR or /run/ksmvm).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
-    /// A virtio-blk disk: path=FILE[,ro=on][,id=NAME] (repeatable).
+    /// A virtio-blk disk: path=FILE[,ro=on][,id=NAME] (repeatable; replaces
+    /// the instance file's disks).
     #[arg(long, value_name = "path=FILE[,ro=on][,id=NAME]")]
     pub disk: Vec<DiskConfig>,
-    /// A virtio-net device on an existing TAP: tap=NAME[,mac=MAC] (repeatable).
+    /// A virtio-net device on an existing TAP: tap=NAME[,mac=MAC]
+    /// (repeatable; replaces the instance file's nets).
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     pub net: Vec<NetConfig>,
     /// A virtio balloon: [deflate-on-oom=on][,free-page-reporting=on][,stats-interval-s=N].
     #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS")]
     pub balloon: Option<BalloonConfig>,
-    /// The virtio entropy device.
-    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
-    pub rng: bool,
+    /// The virtio entropy device: on or off [default: on].
+    #[arg(long, value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub rng: Option<bool>,
+    /// Seconds a guest asked to shut down (SIGTERM) may take before the VM
+    /// is stopped; 0 stops it at once [default: 0].
+    #[arg(long, value_name = "SECONDS")]
+    pub shutdown_timeout_s: Option<u64>,
+    /// When to tell systemd the VM is ready: running (vCPUs started) or
+    /// guest (the guest printed --ready-marker) [default: running].
+    #[arg(long)]
+    pub ready: Option<ReadyMode>,
+    /// Serial output that means the guest is up (for --ready guest).
+    #[arg(long, value_name = "TEXT")]
+    pub ready_marker: Option<String>,
+    /// Fault injection: stop sending WATCHDOG=1 to systemd after N seconds.
+    #[arg(
+        long,
+        hide = true,
+        value_name = "N",
+        env = "KSMVM_DEBUG_STOP_WATCHDOG_AFTER_S"
+    )]
+    pub debug_stop_watchdog_after_s: Option<u64>,
 }
 
 pub fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -128,76 +161,47 @@ pub fn parse_on_off(s: &str) -> Result<bool, String> {
 }
 
 impl RunArgs {
-    pub fn to_config(&self) -> VmConfig {
-        VmConfig {
+    /// The values the flags give, as instance settings.
+    pub fn to_settings(&self) -> Settings {
+        Settings {
             name: self.name.clone(),
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
             mem_mib: self.mem_mib,
             vcpus: self.vcpus,
-            serial: self.serial.clone(),
             ksm: self.ksm,
-            disks: self.disk.clone(),
-            nets: self.net.clone(),
+            serial: self.serial.clone(),
+            api_sock: self.api_sock.clone(),
+            disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
+            net: (!self.net.is_empty()).then(|| self.net.clone()),
             balloon: self.balloon.clone(),
             rng: self.rng,
+            shutdown_timeout_s: self.shutdown_timeout_s,
+            ready: self.ready,
+            ready_marker: self.ready_marker.clone(),
         }
     }
 }
 
-/// Binds the VM's API socket (the name was validated by the build).
-fn bind_api(args: &RunArgs) -> Result<crate::api::ApiSocket, crate::api::SocketError> {
-    let path = args
-        .api_sock
-        .clone()
-        .unwrap_or_else(|| crate::api::socket_path(&args.name));
-    crate::api::ApiSocket::bind(&path, &args.name)
-}
-
-fn run_vm(args: &RunArgs) -> ExitCode {
-    let vm = match crate::builder::build(args.to_config()) {
-        Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("ksmvm: error: {e}");
-            return ExitCode::from(e.exit_code());
-        }
-    };
-    let socket = match bind_api(args) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("ksmvm: error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match vm.run_with_api(Some(socket)) {
-        Ok(outcome) if outcome.is_success() => {
-            log::info!("{outcome}");
-            ExitCode::SUCCESS
-        }
-        Ok(outcome) => {
-            eprintln!("ksmvm: error: {outcome}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("ksmvm: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+/// Prints a fatal error; with journald's priority prefix under systemd.
+pub fn report_error(e: &dyn std::fmt::Display) {
+    crate::logger::fatal(&format!("ksmvm: error: {e}"));
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::logger::init(cli.log_level);
     match cli.command {
-        Command::Run(args) => run_vm(&args),
+        Command::Run(args) => run::run_vm(&args),
         Command::Ksm(cmd) => match ksm::run(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("ksmvm: error: {e}");
+                report_error(&e);
                 ExitCode::FAILURE
             }
         },
+        Command::Config(cmd) => config::run(cmd),
         Command::List { json } => report(list::run(&runtime_dir(), json, &mut stdout())),
         Command::Stats {
             name,
@@ -225,7 +229,7 @@ fn report(r: Result<(), CliError>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ksmvm: error: {e}");
+            report_error(&e);
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,43 @@
+//! `ksmvm config check FILE`: validates an instance file without starting
+//! anything (exit 0, or 2 with the error).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::report_error;
+use super::run::host_max_vcpus;
+use crate::instance::{self, InstanceFile, Settings};
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Check an instance file: syntax, keys, values, and that the kernel and
+    /// initrd exist.
+    Check { file: PathBuf },
+}
+
+pub fn run(cmd: ConfigCommand) -> ExitCode {
+    match cmd {
+        ConfigCommand::Check { file } => {
+            let checked = InstanceFile::load(&file)
+                .and_then(|f| instance::resolve(Some(&f), Settings::default(), host_max_vcpus()));
+            match checked {
+                Ok(i) => {
+                    println!(
+                        "{}: ok (VM {}, {} MiB, {} vCPU(s))",
+                        file.display(),
+                        i.vm.name,
+                        i.vm.mem_mib,
+                        i.vm.vcpus
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    report_error(&e);
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}

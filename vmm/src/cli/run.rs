@@ -1,0 +1,76 @@
+//! `ksmvm run`: resolve the instance (file + flags), build the VM and run
+//! it under the systemd supervisor (which is silent outside systemd).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use super::{report_error, RunArgs};
+use crate::instance::{self, Instance, InstanceFile};
+use crate::service::SystemdSupervisor;
+
+/// Exit status for input the user can fix (matches `BuildError::exit_code`).
+const BAD_INPUT: u8 = 2;
+
+/// The host's vCPU limit for validation; the MP table's when KVM cannot be
+/// asked (the builder checks KVM's own limit again).
+pub fn host_max_vcpus() -> u32 {
+    match kvm_ioctls::Kvm::new() {
+        Ok(kvm) => crate::builder::max_vcpus(&kvm),
+        Err(_) => crate::arch::x86_64::mptable::MAX_CPUS,
+    }
+}
+
+/// Reads the instance file (if any) and applies the flags over it.
+pub fn resolve(args: &RunArgs, max_vcpus: u32) -> Result<Instance, instance::InstanceError> {
+    let file = args.config.as_deref().map(InstanceFile::load).transpose()?;
+    instance::resolve(file.as_ref(), args.to_settings(), max_vcpus)
+}
+
+pub fn run_vm(args: &RunArgs) -> ExitCode {
+    let inst = match resolve(args, host_max_vcpus()) {
+        Ok(i) => i,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::from(BAD_INPUT);
+        }
+    };
+    let stop_watchdog = args.debug_stop_watchdog_after_s.map(Duration::from_secs);
+    let mut sup = match SystemdSupervisor::new(&inst.service, inst.vm.ksm, stop_watchdog) {
+        Ok(s) => s,
+        Err(e) => {
+            report_error(&format!("cannot set up service notifications: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let sink = inst.vm.serial.clone();
+    let name = inst.vm.name.clone();
+    let vm = match crate::builder::build_with(inst.vm, |out| sup.serial_tap(&sink, out)) {
+        Ok(vm) => vm,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    // After the build, which validated the name that names the socket.
+    let socket = match crate::api::ApiSocket::bind(&inst.api_sock, &name) {
+        Ok(s) => s,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::FAILURE;
+        }
+    };
+    match vm.run_supervised(Some(socket), inst.service.shutdown_timeout, &mut sup) {
+        Ok(outcome) if outcome.is_success() => {
+            log::info!("{outcome}");
+            ExitCode::SUCCESS
+        }
+        Ok(outcome) => {
+            report_error(&outcome);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            report_error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
