@@ -150,6 +150,7 @@ pub fn build_with(
         });
     }
 
+    crate::milestone!("KVM opened");
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -164,6 +165,7 @@ pub fn build_with(
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
     let mem_bytes = config.mem_bytes();
+    crate::milestone!("irqchip and PIT created");
     let mem = memory::create(mem_bytes)?;
     if config.ksm {
         // Before any vCPU runs, so every page the guest ever touches is a candidate.
@@ -173,10 +175,13 @@ pub fn build_with(
 
     // virtio devices first: each one adds its virtio_mmio.device= parameter.
     let mut mmio_bus = Bus::new();
+    crate::milestone!("guest memory mapped");
     let (virtio, balloon, device_params) = add_virtio_devices(&config, &vm, &mem, &mut mmio_bus)?;
 
     let low_mem_end = mem_bytes.min(MMIO_GAP_START);
+    crate::milestone!("virtio devices created");
     let kernel = boot::load_kernel(&mem, &config.kernel, low_mem_end)?;
+    crate::milestone!("kernel loaded");
     let initrd = match &config.initrd {
         Some(p) => Some(boot::load_initrd(&mem, p, &kernel, low_mem_end)?),
         None => None,
@@ -224,6 +229,7 @@ pub fn build_with(
     }
 
     let control = VmControl::new().map_err(BuildError::EventFd)?;
+    crate::milestone!("vCPUs configured");
     Ok(Vm {
         config,
         kvm_vm: vm,

@@ -75,7 +75,23 @@ pub fn fatal(msg: &str) {
 
 /// Installs the logger once; later calls only change the level.
 pub fn init(level: LevelFilter) {
+    uptime_ms();
     let journald = stderr_is_journal();
     let _ = log::set_boxed_logger(Box::new(Logger { journald }));
     log::set_max_level(level);
+}
+
+/// Milliseconds since the process started (its first log call, in
+/// practice `init`), for the boot timeline at debug level.
+pub fn uptime_ms() -> f64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64() * 1000.0
+}
+
+/// Logs a boot milestone at debug level with the time since start.
+#[macro_export]
+macro_rules! milestone {
+    ($($arg:tt)*) => {
+        log::debug!("[{:8.3} ms] {}", $crate::logger::uptime_ms(), format_args!($($arg)*))
+    };
 }

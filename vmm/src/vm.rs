@@ -112,6 +112,14 @@ fn epoll_add(epoll: &Epoll, fd: i32, token: u64) -> Result<(), VmError> {
         .map_err(VmError::EventLoop)
 }
 
+fn join_vcpus(handles: Vec<JoinHandle<()>>) {
+    for h in handles {
+        if h.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}
+
 /// Whether host stdin should feed the guest's serial input: a terminal or a
 /// pipe does, /dev/null or a closed stdin does not.
 fn stdin_is_input() -> bool {
@@ -171,24 +179,35 @@ impl Vm {
             epoll_add(&epoll, fd, TOKEN_READY)?;
         }
 
-        // After the signal mask above, so the server's threads inherit it;
-        // dropped when run returns, after the vCPUs are joined.
-        let _api = match api {
-            Some(socket) => {
-                let vm = LiveVm::with_sampler(&self.config, self.control.clone(), self.mem.clone())
-                    .with_balloon(self.balloon.clone());
-                Some(ApiServer::start(socket, Arc::new(vm)).map_err(VmError::Api)?)
-            }
-            None => None,
-        };
-
         // Device work runs on its own thread, never on a vCPU thread.
         let devices = self.virtio.start()?;
-
         let handles: Vec<JoinHandle<()>> = std::mem::take(&mut self.vcpus)
             .into_iter()
             .map(|v| v.start(self.control.clone()))
             .collect::<Result<_, _>>()?;
+        crate::milestone!("vCPUs running");
+
+        // The guest boots first; clients that connect meanwhile wait in the
+        // socket's backlog. After the signal mask above, so the server's
+        // threads inherit it; dropped when run returns, after the vCPUs are
+        // joined.
+        let _api = match api {
+            Some(socket) => {
+                let vm = LiveVm::with_sampler(&self.config, self.control.clone(), self.mem.clone())
+                    .with_balloon(self.balloon.clone());
+                match ApiServer::start(socket, Arc::new(vm)) {
+                    Ok(server) => Some(server),
+                    Err(e) => {
+                        self.control
+                            .request_exit(ExitOutcome::Stopped("the API server failed".into()));
+                        join_vcpus(handles);
+                        return Err(VmError::Api(e));
+                    }
+                }
+            }
+            None => None,
+        };
+        crate::milestone!("API serving");
         log::info!(
             "VM {} running with {} vCPU(s)",
             self.config.name,
@@ -254,11 +273,7 @@ impl Vm {
             }
             sup.tick(now);
         }
-        for h in handles {
-            if h.join().is_err() {
-                log::error!("a vCPU thread panicked");
-            }
-        }
+        join_vcpus(handles);
         // With the vCPUs stopped no new requests arrive; the devices finish
         // what they have (disk writes included) before the VMM exits.
         if let Err(e) = devices.stop() {
