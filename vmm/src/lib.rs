@@ -13,5 +13,6 @@ pub mod devices;
 pub mod ksm;
 pub mod logger;
 pub mod memory;
+pub mod stats;
 pub mod vcpu;
 pub mod vm;

@@ -129,6 +129,55 @@ mod tests {
     use super::*;
 
     #[test]
+    fn errno_names_the_cause() {
+        let p = Path::new("/sys/kernel/mm/ksm/max_page_sharing");
+        let os = io::Error::from_raw_os_error;
+        let e = write_error("max_page_sharing", "512", p, os(libc::EBUSY));
+        assert!(
+            matches!(
+                e,
+                KsmError::Busy {
+                    knob: "max_page_sharing",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("no pages are merged"), "{e}");
+        for errno in [libc::EACCES, libc::EPERM, libc::EROFS] {
+            let e = write_error("run", "1", p, os(errno));
+            assert!(matches!(e, KsmError::PermissionDenied { .. }), "{e}");
+            assert!(e.to_string().contains("root"), "{e}");
+            let e = open_error(Path::new("/"), "run", p, os(errno));
+            assert!(matches!(e, KsmError::PermissionDenied { .. }), "{e}");
+        }
+        let e = write_error("pages_to_scan", "x", p, os(libc::EINVAL));
+        assert!(
+            matches!(
+                e,
+                KsmError::Rejected {
+                    knob: "pages_to_scan",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = open_error(Path::new("/nonexistent/ksm"), "run", p, os(libc::ENOENT));
+        assert!(matches!(e, KsmError::NotBuiltIn { .. }), "{e}");
+        let e = open_error(Path::new("/"), "smart_scan", p, os(libc::ENOENT));
+        assert!(
+            matches!(
+                e,
+                KsmError::KnobMissing {
+                    knob: "smart_scan",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn choice_file() {
         assert_eq!(selected_choice("[none] scan-time"), Some("none"));
         assert_eq!(selected_choice("none [scan-time]"), Some("scan-time"));

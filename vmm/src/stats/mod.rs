@@ -2,8 +2,21 @@
 //!
 //! Fields the running kernel does not provide (no `/proc/self/ksm_stat`, no
 //! `KSM:` line in smaps) are `None` and reported as unavailable, never as 0.
+//! The definitions of the derived figures are in docs/stats.md.
+
+mod error;
+mod ksm_stat;
+mod regions;
+mod sampler;
+mod smaps;
 
 use serde::{Deserialize, Serialize};
+
+pub use error::StatsError;
+pub use ksm_stat::parse_ksm_stat;
+pub use regions::GuestRegions;
+pub use sampler::Sampler;
+pub use smaps::{parse_smaps, SmapsAccumulator, SmapsTotals};
 
 /// Memory figures for the guest RAM mappings only (from /proc/self/smaps), in bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -11,11 +24,13 @@ pub struct GuestRamStats {
     pub rss: u64,
     pub pss: u64,
     pub anonymous: u64,
-    /// `KSM:` line of smaps (Linux >= 6.1 with CONFIG_KSM): bytes of this VM's
+    /// `KSM:` line of smaps (Linux >= 6.6 with CONFIG_KSM): bytes of this VM's
     /// guest RAM that are merged KSM pages.
     pub ksm: Option<u64>,
     pub anon_huge_pages: u64,
     pub swap: u64,
+    /// VMAs summed (madvise and mprotect split a region into several).
+    pub vmas: u32,
 }
 
 /// The process-wide KSM counters (from /proc/self/ksm_stat).
@@ -24,6 +39,10 @@ pub struct KsmProcessStats {
     pub ksm_rmap_items: Option<u64>,
     pub ksm_merging_pages: Option<u64>,
     pub ksm_zero_pages: Option<u64>,
+    /// Merged pages beyond the first copy of each KSM page (proposed for
+    /// kernels after 6.18; when present the kernel's profit counts these
+    /// instead of ksm_merging_pages).
+    pub ksm_pages_sharing: Option<u64>,
     /// Bytes; may be negative (rmap items cost more than merging saved).
     pub ksm_process_profit: Option<i64>,
     pub ksm_mergeable: Option<bool>,
@@ -43,6 +62,81 @@ pub struct VmStats {
     pub vmm_overhead_bytes: u64,
     /// Merged fraction of resident guest memory (0..=1); None when the KSM line is unavailable.
     pub merged_fraction: Option<f64>,
-    /// Effective cost of the VM: resident memory minus what KSM saves for it, bytes.
+    /// Host memory the guest RAM really costs: guest Pss (KSM pages divided
+    /// among everything mapping them) plus the kernel's KSM metadata for
+    /// this process, bytes. None when the metadata is unknown.
     pub effective_bytes: Option<u64>,
+    /// What KSM saves for this VM net of its metadata, bytes:
+    /// (Rss - Pss) + zero-page merges - metadata. May be negative.
+    pub ksm_saved_bytes: Option<i64>,
+    /// KSM's rmap items for this process, bytes (derived from ksm_stat).
+    pub ksm_metadata_bytes: Option<u64>,
 }
+
+impl KsmProcessStats {
+    /// The metadata KSM spends on this process, recovered from the kernel's
+    /// profit formula: (merged + zero pages) x page size - profit.
+    pub fn metadata_bytes(&self, page_size: u64) -> Option<u64> {
+        let merged = self.ksm_pages_sharing.or(self.ksm_merging_pages)?;
+        // Kernels without per-process zero-page counts leave them out of profit too.
+        let zero = self.ksm_zero_pages.unwrap_or(0);
+        let counted = merged.checked_add(zero)?.checked_mul(page_size)?;
+        let profit = self.ksm_process_profit?;
+        Some((counted as i128 - profit as i128).clamp(0, u64::MAX as i128) as u64)
+    }
+}
+
+impl VmStats {
+    /// Combines the raw figures into the derived ones.
+    ///
+    /// `ksm_built_in`: whether the kernel has KSM at all; without it the
+    /// missing ksm_stat means "nothing merged, no metadata" rather than
+    /// "unknown".
+    pub fn derive(
+        guest_ram_bytes: u64,
+        guest_ram: GuestRamStats,
+        ksm: KsmProcessStats,
+        process_rss: u64,
+        page_size: u64,
+        ksm_built_in: bool,
+    ) -> Self {
+        let merged_fraction = guest_ram.ksm.map(|k| {
+            if guest_ram.rss == 0 {
+                0.0
+            } else {
+                k as f64 / guest_ram.rss as f64
+            }
+        });
+        let (metadata, zero_bytes) = if ksm_built_in {
+            (
+                ksm.metadata_bytes(page_size),
+                ksm.ksm_process_profit
+                    .map(|_| ksm.ksm_zero_pages.unwrap_or(0).saturating_mul(page_size)),
+            )
+        } else {
+            (Some(0), Some(0))
+        };
+        let shared = guest_ram.rss.saturating_sub(guest_ram.pss);
+        let ksm_saved_bytes = match (metadata, zero_bytes) {
+            (Some(m), Some(z)) => Some(
+                (shared as i128 + z as i128 - m as i128).clamp(i64::MIN as i128, i64::MAX as i128)
+                    as i64,
+            ),
+            _ => None,
+        };
+        Self {
+            guest_ram_bytes,
+            vmm_overhead_bytes: process_rss.saturating_sub(guest_ram.rss),
+            effective_bytes: metadata.map(|m| guest_ram.pss.saturating_add(m)),
+            merged_fraction,
+            ksm_saved_bytes,
+            ksm_metadata_bytes: metadata,
+            guest_ram,
+            ksm,
+            process_rss,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,221 @@
+//! Samples [`VmStats`] for the guest RAM of this process.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use super::ksm_stat::parse_ksm_stat;
+use super::regions::GuestRegions;
+use super::smaps::SmapsAccumulator;
+use super::{KsmProcessStats, StatsError, VmStats};
+
+const SMAPS: &str = "/proc/self/smaps";
+const KSM_STAT: &str = "/proc/self/ksm_stat";
+const KSM_SYSFS: &str = "/sys/kernel/mm/ksm";
+/// Fits the smaps of a VMM with a few hundred VMAs in a handful of reads.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Holds the guest RAM regions and open proc files; `sample` rewinds and
+/// re-reads them (a seq_file regenerates its content from offset 0).
+#[derive(Debug)]
+pub struct Sampler {
+    regions: GuestRegions,
+    smaps: File,
+    smaps_path: PathBuf,
+    /// None: this kernel has no ksm_stat (older than 6.1, or no CONFIG_KSM).
+    ksm_stat: Option<(File, PathBuf)>,
+    ksm_built_in: bool,
+    page_size: u64,
+    buf: Vec<u8>,
+    text: String,
+}
+
+impl Sampler {
+    /// `regions`: (host start address, length) of each guest RAM region.
+    pub fn new(regions: impl IntoIterator<Item = (u64, u64)>) -> Result<Self, StatsError> {
+        Self::with_paths(
+            GuestRegions::new(regions)?,
+            Path::new(SMAPS),
+            Path::new(KSM_STAT),
+            Path::new(KSM_SYSFS).is_dir(),
+        )
+    }
+
+    /// With other proc files (tests use fixtures).
+    pub fn with_paths(
+        regions: GuestRegions,
+        smaps: &Path,
+        ksm_stat: &Path,
+        ksm_built_in: bool,
+    ) -> Result<Self, StatsError> {
+        let open_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StatsError::Open { path, source }
+        };
+        let smaps_file = File::open(smaps).map_err(open_err(smaps))?;
+        let ksm_stat = match File::open(ksm_stat) {
+            Ok(f) => Some((f, ksm_stat.to_path_buf())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(open_err(ksm_stat)(e)),
+        };
+        Ok(Self {
+            regions,
+            smaps: smaps_file,
+            smaps_path: smaps.to_path_buf(),
+            ksm_stat,
+            ksm_built_in,
+            page_size: page_size(),
+            buf: vec![0; READ_CHUNK],
+            text: String::new(),
+        })
+    }
+
+    pub fn regions(&self) -> &GuestRegions {
+        &self.regions
+    }
+
+    pub fn sample(&mut self) -> Result<VmStats, StatsError> {
+        let mut acc = SmapsAccumulator::new(&self.regions);
+        for_each_line(&mut self.smaps, &mut self.buf, |line| acc.feed(line)).map_err(
+            |e| match e {
+                LineError::Io(source) => StatsError::Read {
+                    path: self.smaps_path.clone(),
+                    source,
+                },
+                LineError::Parse(e) => e,
+            },
+        )?;
+        let smaps = acc.finish();
+        let ksm = self.read_ksm_stat()?;
+        Ok(VmStats::derive(
+            self.regions.total_len(),
+            smaps.guest_ram,
+            ksm,
+            smaps.process_rss,
+            self.page_size,
+            self.ksm_built_in,
+        ))
+    }
+
+    fn read_ksm_stat(&mut self) -> Result<KsmProcessStats, StatsError> {
+        let Some((file, path)) = &mut self.ksm_stat else {
+            return Ok(KsmProcessStats::default());
+        };
+        let read_err = |source| StatsError::Read {
+            path: path.clone(),
+            source,
+        };
+        self.text.clear();
+        file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+        file.read_to_string(&mut self.text).map_err(read_err)?;
+        parse_ksm_stat(&self.text)
+    }
+}
+
+fn page_size() -> u64 {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
+        Ok(Some(p)) if p > 0 => p as u64,
+        _ => 4096,
+    }
+}
+
+enum LineError {
+    Io(io::Error),
+    Parse(StatsError),
+}
+
+/// Reads `file` from the start and calls `f` with each line (no newline),
+/// reusing `buf`; grows `buf` only for a line longer than it.
+fn for_each_line(
+    file: &mut File,
+    buf: &mut Vec<u8>,
+    mut f: impl FnMut(&[u8]) -> Result<(), StatsError>,
+) -> Result<(), LineError> {
+    file.seek(SeekFrom::Start(0)).map_err(LineError::Io)?;
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = match file.read(&mut buf[filled..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(LineError::Io(e)),
+        };
+        if n == 0 {
+            if filled > 0 {
+                f(&buf[..filled]).map_err(LineError::Parse)?;
+            }
+            return Ok(());
+        }
+        let end = filled + n;
+        let mut start = 0;
+        while let Some(i) = buf[filled..end].iter().position(|&b| b == b'\n') {
+            let nl = filled + i;
+            f(&buf[start..nl]).map_err(LineError::Parse)?;
+            start = nl + 1;
+            filled = start;
+        }
+        buf.copy_within(start..end, 0);
+        filled = end - start;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn line_reader_handles_chunk_boundaries() {
+        let dir = crate::ksm::test_util::TempDir::new("lines");
+        let path = dir.path().join("f");
+        let text: String = (0..1000)
+            .map(|i| format!("line {i} {}\n", "x".repeat(i % 37)))
+            .collect();
+        File::create(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        for cap in [1, 7, 64, 4096] {
+            let mut f = File::open(&path).unwrap();
+            let mut buf = vec![0; cap];
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                got.clear();
+                let _ = for_each_line(&mut f, &mut buf, |l| {
+                    got.push(String::from_utf8(l.to_vec()).unwrap());
+                    Ok(())
+                });
+                assert_eq!(got, text.lines().collect::<Vec<_>>(), "cap {cap}");
+            }
+        }
+    }
+
+    #[test]
+    fn fixtures_through_sampler() {
+        let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/stats/fixtures");
+        let regions = GuestRegions::new([(0x7f3a_4000_0000, 64 << 20)]).unwrap();
+        let mut s = Sampler::with_paths(
+            regions,
+            &d.join("smaps_vm.txt"),
+            &d.join("ksm_stat_merged.txt"),
+            true,
+        )
+        .unwrap();
+        let a = s.sample().unwrap();
+        let b = s.sample().unwrap();
+        assert_eq!(a, b, "re-reading from offset 0 gives the same result");
+        assert_eq!(a.guest_ram_bytes, 64 << 20);
+        assert_eq!(a.guest_ram.rss, 57344 << 10);
+        assert_eq!(a.ksm.ksm_merging_pages, Some(3072));
+        assert_eq!(a.ksm_metadata_bytes, Some(16384 * 64));
+
+        let regions = GuestRegions::new([(0x7f3a_4000_0000, 64 << 20)]).unwrap();
+        let mut s = Sampler::with_paths(regions, &d.join("smaps_vm.txt"), &d.join("absent"), false)
+            .unwrap();
+        let c = s.sample().unwrap();
+        assert_eq!(c.ksm, KsmProcessStats::default());
+        assert_eq!(c.ksm_metadata_bytes, Some(0));
+    }
+}
