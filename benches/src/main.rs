@@ -1,1 +1,81 @@
-fn main() {}
+//! ksmvm-bench: the KSM density demo, benchmarks and density experiments
+//! for ksmvm. See docs/benchmarks.md and docs/density.md.
+
+mod cancel;
+mod caps;
+mod common;
+mod convergence;
+mod demo;
+mod fleet;
+mod guest;
+mod host;
+mod ksm_session;
+mod ksmd;
+mod monitor;
+mod profile;
+mod runtime;
+mod table;
+mod vmstats;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ksmvm-bench",
+    version,
+    about = "Demo, benchmarks and density experiments for ksmvm"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// KSM density demo: a few identical probe guests, KSM merges them, per-VM memory table.
+    Demo(demo::DemoArgs),
+    /// List the memory profiles.
+    Profiles(common::VmmArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = cancel::install() {
+        eprintln!("ksmvm-bench: error: cannot install the Ctrl-C handler: {e}");
+        return ExitCode::FAILURE;
+    }
+    let result = match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Profiles(a) => list_profiles(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<cancel::Interrupted>().is_some() => {
+            eprintln!("ksmvm-bench: interrupted: guests stopped, KSM settings restored");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("ksmvm-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn list_profiles(a: &common::VmmArgs) -> anyhow::Result<()> {
+    let profiles = a.profiles()?;
+    let mut t = table::Table::new(["profile", "RAM", "shared", "unique", "zero", "description"]);
+    for p in profiles.iter() {
+        t.row([
+            p.name.clone(),
+            p.mem_mib.to_string(),
+            p.shared_mib.to_string(),
+            p.unique_mib.to_string(),
+            p.zero_mib.to_string(),
+            p.description.clone(),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
