@@ -3,9 +3,14 @@
 //! KSM has converged once at least `min_scans` scans completed since the
 //! start and the last two scan-end values agree within a tolerance.
 //!
-//! Two scans are the minimum because ksmd merges a page only on the second
-//! visit (the first records its checksum), so the first scan after the
-//! guests are ready usually merges little.
+//! Three scans ([`MIN_SCANS`]): ksmd adds a newly mergeable process just
+//! behind its scanning cursor, so the scan in progress when a guest starts
+//! does not see it; the next one only records each page's checksum; pages
+//! merge on the visit after that. Comparing the ends of scans 2 and 3 would
+//! otherwise find "stable" values from before any merging.
+
+/// Full scans that must complete before the value can count as stable.
+pub const MIN_SCANS: u64 = 3;
 
 /// Minimum change (pages) that counts as "not yet stable".
 pub const MIN_TOLERANCE_PAGES: u64 = 16;
@@ -100,6 +105,16 @@ mod tests {
         assert!(!c.observe(1.0, 8, 100)); // three scans in one interval
         assert_eq!(c.scans(), 3);
         assert!(c.observe(2.0, 9, 100));
+    }
+
+    #[test]
+    fn three_scans_skip_the_pre_merge_plateau() {
+        // Guest started during scan 11; scan 12 records checksums, scan 13 merges.
+        let mut c = Convergence::new(10, MIN_SCANS);
+        assert!(!c.observe(1.0, 11, 0));
+        assert!(!c.observe(2.0, 12, 0)); // would be "stable" with two scans
+        assert!(!c.observe(3.0, 13, 30000));
+        assert!(c.observe(4.0, 14, 30000));
     }
 
     #[test]

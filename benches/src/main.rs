@@ -6,12 +6,16 @@ mod caps;
 mod common;
 mod convergence;
 mod demo;
+mod density;
 mod fleet;
 mod guest;
 mod host;
 mod ksm_session;
 mod ksmd;
+mod machine;
 mod monitor;
+mod output;
+mod plot;
 mod profile;
 mod runtime;
 mod table;
@@ -36,6 +40,8 @@ struct Cli {
 enum Command {
     /// KSM density demo: a few identical probe guests, KSM merges them, per-VM memory table.
     Demo(demo::DemoArgs),
+    /// Density experiment: host memory vs number of guests, KSM on and off.
+    Density(density::DensityArgs),
     /// List the memory profiles.
     Profiles(common::VmmArgs),
 }
@@ -48,6 +54,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
+        Command::Density(a) => density::run(a),
         Command::Profiles(a) => list_profiles(&a),
     };
     match result {

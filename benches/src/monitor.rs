@@ -12,7 +12,7 @@ use ksmvm::stats::VmStats;
 use serde::Serialize;
 
 use crate::cancel;
-use crate::convergence::Convergence;
+use crate::convergence::{Convergence, MIN_SCANS};
 use crate::fleet::Fleet;
 use crate::host::{mib, mib_i, MemInfo, PAGE_SIZE};
 use crate::ksmd::KsmdMeter;
@@ -217,7 +217,7 @@ impl Monitor {
         bar: &ProgressBar,
     ) -> Result<Option<f64>> {
         let start = self.elapsed();
-        let mut conv = Convergence::new(self.counters().full_scans.unwrap_or(0), 2);
+        let mut conv = Convergence::new(self.counters().full_scans.unwrap_or(0), MIN_SCANS);
         loop {
             fleet.check_alive()?;
             let s = self.sample(fleet, vms)?;
