@@ -28,6 +28,10 @@ pub struct DemoArgs {
     /// Give up waiting for KSM to converge after this many seconds.
     #[arg(long, default_value_t = 45)]
     pub timeout_s: u64,
+    /// Keep the guests running this many seconds after the table (to
+    /// inspect them); Ctrl-C ends the wait.
+    #[arg(long, default_value_t = 0)]
+    pub hold_s: u64,
 }
 
 /// Memory left free for the rest of the host, bytes.
@@ -188,6 +192,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         if verified { "intact" } else { "MISMATCH" }
     );
 
+    if args.hold_s > 0 {
+        println!(
+            "\nholding the guests for {} s (Ctrl-C stops them)",
+            args.hold_s
+        );
+        crate::cancel::sleep(Duration::from_secs(args.hold_s))?;
+    }
     let killed = fleet.stop_all();
     println!(
         "\nguests stopped{}",
