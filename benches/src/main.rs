@@ -1,9 +1,11 @@
 //! ksmvm-bench: the KSM density demo, benchmarks and density experiments
 //! for ksmvm. See docs/benchmarks.md and docs/density.md.
 
+mod boot;
 mod cancel;
 mod caps;
 mod common;
+mod compare;
 mod convergence;
 mod demo;
 mod density;
@@ -18,6 +20,7 @@ mod output;
 mod plot;
 mod profile;
 mod runtime;
+mod summary;
 mod table;
 mod vmstats;
 
@@ -42,6 +45,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Density experiment: host memory vs number of guests, KSM on and off.
     Density(density::DensityArgs),
+    /// Boot times (exec -> API socket, first serial byte, READY) and VMM overhead RSS.
+    Boot(boot::BootArgs),
+    /// The boot measurement for ksmvm and another VMM command, with ratios.
+    Compare(compare::CompareArgs),
     /// List the memory profiles.
     Profiles(common::VmmArgs),
 }
@@ -55,6 +62,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Density(a) => density::run(a),
+        Command::Boot(a) => boot::run(a),
+        Command::Compare(a) => compare::run(a),
         Command::Profiles(a) => list_profiles(&a),
     };
     match result {
