@@ -84,6 +84,9 @@ impl BootSummary {
     }
 }
 
+/// The API socket path of the VM with a given name.
+pub type SocketPath = Box<dyn Fn(&str) -> PathBuf>;
+
 /// How one boot is started and looked at.
 pub struct BootTarget {
     pub label: String,
@@ -91,7 +94,7 @@ pub struct BootTarget {
     pub shown: String,
     pub make: Box<dyn Fn(u64) -> (Command, String)>,
     /// Where the API socket of boot `i` appears, if the VMM has one.
-    pub api_socket: Option<Box<dyn Fn(&str) -> PathBuf>>,
+    pub api_socket: Option<SocketPath>,
     pub mem_mib: u64,
     /// ksmvm: guest RAM found exactly; other VMMs: by a size heuristic.
     pub is_ksmvm: bool,
@@ -210,10 +213,8 @@ pub fn ksmvm_target(vmm: &VmmArgs, runtime: &RuntimeDir, profile: &Profile) -> R
             let spec = GuestSpec::probe(format!("boot-{i}"), &prof, i, true);
             (make_launcher.command(&spec), spec.name)
         }),
-        api_socket: api.then(|| {
-            Box::new(move |name: &str| dir.join(format!("{name}.sock")))
-                as Box<dyn Fn(&str) -> PathBuf>
-        }),
+        api_socket: api
+            .then(|| Box::new(move |name: &str| dir.join(format!("{name}.sock"))) as SocketPath),
         mem_mib: profile.mem_mib,
         is_ksmvm: true,
         poweroff: true,
@@ -233,6 +234,7 @@ pub fn run(args: BootArgs) -> Result<()> {
     let runtime = RuntimeDir::create("boot")?;
     let target = ksmvm_target(&args.vmm, &runtime, &profile)?;
     let mut results = ResultsDir::create(&args.out.results, "boot")?;
+    println!("machine: {}", Machine::describe().one_line());
     let runs = measure(&target, args.runs, Duration::from_secs(args.timeout_s))?;
     let summary = BootSummary::of("ksmvm", target.shown.clone(), &runs);
     write_results(&mut results, &runs, std::slice::from_ref(&summary))?;
@@ -298,6 +300,7 @@ pub fn write_results(
             x_label: "run".into(),
             y_label: "ms".into(),
             series,
+            legend_right: true,
         },
         &dir,
         "boot_times",

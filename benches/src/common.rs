@@ -75,7 +75,3 @@ pub fn spinner(what: &str) -> ProgressBar {
     b.enable_steady_tick(Duration::from_millis(200));
     b
 }
-
-pub fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}

@@ -157,7 +157,7 @@ pub fn run(args: DensityArgs) -> Result<()> {
         .safety_margin_mib
         .map_or_else(|| (2 * GIB).max(mem.total / 10), |m| m * MIB);
     let budget = match args.budget_gib {
-        Some(g) if !(g > 0.0) => bail!("--budget-gib must be positive"),
+        Some(g) if g.is_nan() || g <= 0.0 => bail!("--budget-gib must be positive"),
         Some(g) => {
             let b = (g * GIB as f64) as u64;
             if b + margin > mem.available {
@@ -204,6 +204,7 @@ pub fn run(args: DensityArgs) -> Result<()> {
         results.path().display()
     );
 
+    println!("machine: {}", Machine::describe().one_line());
     let mut session = KsmSession::begin(args.vmm.assume_host_lock)?;
     let runtime = RuntimeDir::create("density")?;
     let launcher = args.vmm.launcher(&runtime)?;
@@ -529,6 +530,7 @@ fn write_plots(results: &mut ResultsDir, p: &Profile, runs: &[ModeRun]) -> Resul
             x_label: "guests (N)".into(),
             y_label: "MiB".into(),
             series,
+            legend_right: false,
         },
         &dir,
         "memory_vs_n",
@@ -559,6 +561,7 @@ fn write_plots(results: &mut ResultsDir, p: &Profile, runs: &[ModeRun]) -> Resul
                     Series::new("saved", merged, Style::Line),
                     Series::new("ideal for the guests running", ideal, Style::Dashed),
                 ],
+                legend_right: false,
             },
             &dir,
             "merged_over_time",
@@ -583,6 +586,7 @@ fn write_plots(results: &mut ResultsDir, p: &Profile, runs: &[ModeRun]) -> Resul
             x_label: "seconds".into(),
             y_label: "% of one CPU".into(),
             series: cpu,
+            legend_right: true,
         },
         &dir,
         "ksmd_cpu",

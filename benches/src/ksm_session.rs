@@ -74,12 +74,24 @@ impl KsmSession {
         self.ksm.tune(t).context("tuning KSM")
     }
 
-    /// Writes back every saved knob now and reports failures.
+    /// Writes back every saved knob now and reports failures, including
+    /// knobs that read back differently (someone else changed them).
     pub fn restore(&mut self) -> Result<()> {
-        match self.guard.take() {
-            Some(g) => g.restore().context("restoring the host's KSM settings"),
-            None => Ok(()),
+        let Some(g) = self.guard.take() else {
+            return Ok(());
+        };
+        let saved = g.saved().clone();
+        g.restore().context("restoring the host's KSM settings")?;
+        let now = self.ksm.settings()?;
+        let diff = diff_settings(&saved, &now);
+        if !diff.is_empty() {
+            anyhow::bail!(
+                "KSM settings differ from the saved ones after restoring ({}); is another process \
+                 changing KSM without taking the host lock?",
+                diff.join(", ")
+            );
         }
+        Ok(())
     }
 }
 

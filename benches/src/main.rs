@@ -22,6 +22,7 @@ mod profile;
 mod runtime;
 mod summary;
 mod table;
+mod tuning;
 mod vmstats;
 
 use std::process::ExitCode;
@@ -49,6 +50,8 @@ enum Command {
     Boot(boot::BootArgs),
     /// The boot measurement for ksmvm and another VMM command, with ratios.
     Compare(compare::CompareArgs),
+    /// KSM tuning sweep: time to 90 % of ideal savings vs ksmd CPU.
+    KsmTuning(tuning::TuningArgs),
     /// List the memory profiles.
     Profiles(common::VmmArgs),
 }
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Density(a) => density::run(a),
         Command::Boot(a) => boot::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::KsmTuning(a) => tuning::run(a),
         Command::Profiles(a) => list_profiles(&a),
     };
     match result {

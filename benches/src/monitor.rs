@@ -25,6 +25,7 @@ pub struct Baseline {
     pub mem_used: u64,
     pub mem_available: u64,
     pub mem_total: u64,
+    pub swap_used: u64,
     pub pages_sharing: u64,
     pub pages_shared: u64,
     pub ksm_zero_pages: u64,
@@ -38,6 +39,7 @@ impl Baseline {
             mem_used: m.used(),
             mem_available: m.available,
             mem_total: m.total,
+            swap_used: m.swap_used(),
             pages_sharing: c.pages_sharing.unwrap_or(0),
             pages_shared: c.pages_shared.unwrap_or(0),
             ksm_zero_pages: c.ksm_zero_pages.unwrap_or(0),
@@ -102,6 +104,9 @@ impl VmSample {
     }
 }
 
+/// Swap growth (bytes) that counts as "the host swaps" and stops a run.
+const SWAP_GROWTH_LIMIT: u64 = 64 << 20;
+
 /// What stops waiting early because the host runs short of memory.
 #[derive(Debug, Clone, Copy)]
 pub struct MemoryFloor {
@@ -158,6 +163,13 @@ impl Monitor {
                     mib(floor.emergency_available)
                 );
             }
+        }
+        let swapped = m.swap_used().saturating_sub(self.baseline.swap_used);
+        if self.floor.is_some() && swapped > SWAP_GROWTH_LIMIT {
+            bail!(
+                "the host started swapping ({:.0} MiB more swap in use than at the start): stopping",
+                mib(swapped)
+            );
         }
         let c = self.counters();
         let b = &self.baseline;

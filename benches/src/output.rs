@@ -9,7 +9,6 @@ use serde::Serialize;
 
 pub struct ResultsDir {
     path: PathBuf,
-    written: Vec<PathBuf>,
 }
 
 impl ResultsDir {
@@ -21,10 +20,7 @@ impl ResultsDir {
             .unwrap_or(0);
         let path = base.join(format!("{kind}-{}", utc_stamp(secs)));
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self {
-            path,
-            written: Vec::new(),
-        })
+        Ok(Self { path })
     }
 
     pub fn path(&self) -> &Path {
@@ -32,9 +28,7 @@ impl ResultsDir {
     }
 
     pub fn file(&mut self, name: &str) -> PathBuf {
-        let p = self.path.join(name);
-        self.written.push(p.clone());
-        p
+        self.path.join(name)
     }
 
     pub fn csv<T: Serialize>(&mut self, name: &str, rows: &[T]) -> Result<()> {
@@ -56,11 +50,6 @@ impl ResultsDir {
         serde_json::to_writer_pretty(f, value)
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
-    }
-
-    /// Files written so far.
-    pub fn written(&self) -> &[PathBuf] {
-        &self.written
     }
 }
 
@@ -119,7 +108,6 @@ mod tests {
         d.json("r.json", &vec![1, 2]).unwrap();
         let csv = fs::read_to_string(d.path().join("r.csv")).unwrap();
         assert_eq!(csv, "a,b\n1,\n2,0.5\n");
-        assert_eq!(d.written().len(), 2);
         fs::remove_dir_all(base).unwrap();
     }
 }

@@ -70,6 +70,8 @@ pub struct Chart {
     pub x_label: String,
     pub y_label: String,
     pub series: Vec<Series>,
+    /// Legend in the upper right corner instead of the upper left.
+    pub legend_right: bool,
 }
 
 /// Registers a system font once; false when none was found.
@@ -88,8 +90,18 @@ fn png_font() -> bool {
     })
 }
 
-/// Writes `stem.svg` and (with a font) `stem.png` in `dir`; returns the paths.
+/// Writes `stem.svg` and `stem.png` in `dir`; returns the paths.
 pub fn write(chart: &Chart, dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    write_labelled(chart, Vec::new(), dir, stem)
+}
+
+/// As [`write`], with a text label next to each given point.
+pub fn write_labelled(
+    chart: &Chart,
+    labels: Vec<(f64, f64, String)>,
+    dir: &Path,
+    stem: &str,
+) -> Result<Vec<PathBuf>> {
     // Text layout needs the font for both backends.
     if !png_font() {
         return Err(anyhow!(
@@ -98,9 +110,17 @@ pub fn write(chart: &Chart, dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         ));
     }
     let svg = dir.join(format!("{stem}.svg"));
-    draw(SVGBackend::new(&svg, SIZE).into_drawing_area(), chart)?;
+    draw(
+        SVGBackend::new(&svg, SIZE).into_drawing_area(),
+        chart,
+        &labels,
+    )?;
     let png = dir.join(format!("{stem}.png"));
-    draw(BitMapBackend::new(&png, SIZE).into_drawing_area(), chart)?;
+    draw(
+        BitMapBackend::new(&png, SIZE).into_drawing_area(),
+        chart,
+        &labels,
+    )?;
     Ok(vec![svg, png])
 }
 
@@ -115,14 +135,22 @@ fn range(values: impl Iterator<Item = f64> + Clone, from_zero: bool) -> (f64, f6
     (if from_zero && lo >= 0.0 { lo } else { lo - pad }, hi + pad)
 }
 
-fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, c: &Chart) -> Result<()>
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    c: &Chart,
+    labels: &[(f64, f64, String)],
+) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing {:?}: {e:?}", c.title);
     root.fill(&WHITE).map_err(err)?;
     let pts = c.series.iter().flat_map(|s| s.points.iter());
-    let (x0, x1) = range(pts.clone().map(|p| p.0), true);
+    let (x0, mut x1) = range(pts.clone().map(|p| p.0), true);
+    if !labels.is_empty() {
+        // Room for the label of the rightmost point.
+        x1 += (x1 - x0) * 0.1;
+    }
     let (y0, y1) = range(pts.map(|p| p.1), true);
     let mut chart = ChartBuilder::on(&root)
         .caption(&c.title, (FONT, 22))
@@ -172,11 +200,20 @@ where
         }
     }
     chart
+        .draw_series(labels.iter().map(|(x, y, text)| {
+            EmptyElement::at((*x, *y)) + Text::new(text.clone(), (6, -14), (FONT, 12))
+        }))
+        .map_err(err)?;
+    chart
         .configure_series_labels()
         .label_font((FONT, 14))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(if c.legend_right {
+            SeriesLabelPosition::UpperRight
+        } else {
+            SeriesLabelPosition::UpperLeft
+        })
         .draw()
         .map_err(err)?;
     root.present().map_err(err)?;
@@ -205,6 +242,7 @@ mod tests {
                 Series::new("c", vec![(1.0, 1.0)], Style::Points),
                 Series::new("empty", vec![], Style::Line),
             ],
+            legend_right: false,
         };
         match write(&chart, &dir, "t") {
             Ok(files) => {

@@ -39,8 +39,8 @@ impl VmStatsSource {
             .with_context(|| format!("reading /proc/{pid}/maps"))?;
         let regions: Vec<(u64, u64)> = parse_maps(&maps)
             .into_iter()
-            .filter(|m| m.len() >= min_len && m.is_ram_like())
-            .map(|m| (m.start, m.len()))
+            .filter(|m| m.size() >= min_len && m.is_ram_like())
+            .map(|m| (m.start, m.size()))
             .collect();
         if regions.is_empty() {
             bail!(
@@ -77,12 +77,8 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.end - self.start
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.start == self.end
     }
 
     /// Anonymous (no path) or a memfd / shared-memory object.
@@ -120,7 +116,7 @@ pub fn find_guest_ram(maps: &str, lens: &[u64]) -> Result<Vec<(u64, u64)>> {
     let mut used = vec![false; maps.len()];
     for &len in lens {
         let hit = maps.iter().enumerate().find(|(i, m)| {
-            !used[*i] && m.len() == len && m.perms.starts_with("rw") && m.path.is_empty()
+            !used[*i] && m.size() == len && m.perms.starts_with("rw") && m.path.is_empty()
         });
         match hit {
             Some((i, m)) => {
