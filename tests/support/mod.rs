@@ -84,6 +84,15 @@ pub struct Vmm {
     stderr: Receiver<String>,
     /// Every serial line seen so far.
     pub seen: Vec<String>,
+    /// Its private KSMVM_RUNTIME_DIR (API socket), see [`runtime_dir`].
+    pub runtime: TempDir,
+}
+
+/// A private runtime directory for one ksmvm process, so that its API
+/// socket (NAME.sock, default name "vm") never meets another test's VM or
+/// the host's /run/ksmvm.
+pub fn runtime_dir() -> TempDir {
+    TempDir::new("run")
 }
 
 impl Vmm {
@@ -92,8 +101,10 @@ impl Vmm {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        let runtime = runtime_dir();
         let mut child = Command::new(KSMVM)
             .args(args)
+            .env("KSMVM_RUNTIME_DIR", &runtime.0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -107,6 +118,7 @@ impl Vmm {
             lines,
             stderr,
             seen: Vec::new(),
+            runtime,
         }
     }
 
@@ -253,8 +265,10 @@ fn pipe_lines<R: std::io::Read + Send + 'static>(r: R) -> Receiver<String> {
 /// Runs ksmvm to completion with the given args and no stdin; returns
 /// (exit code, stdout, stderr).
 pub fn run_to_end(args: &[&str], timeout: Duration) -> (Option<i32>, String, String) {
+    let runtime = runtime_dir();
     let mut child = Command::new(KSMVM)
         .args(args)
+        .env("KSMVM_RUNTIME_DIR", &runtime.0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -5,6 +5,7 @@
 //! vCPU threads, `devices` the emulated hardware, `vm`/`builder` assemble a VM
 //! from a validated `config`, and `stats`, `ksm` and `api` serve the hoster.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod cli;

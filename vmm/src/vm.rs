@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiServer, ApiSocket, LiveVm};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
 use crate::devices::i8042::I8042;
@@ -29,6 +30,8 @@ pub enum VmError {
     KickHandler(vmm_sys_util::errno::Error),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error("cannot start the API server: {0}")]
+    Api(std::io::Error),
 }
 
 /// Everything a running VM is made of.
@@ -78,6 +81,12 @@ fn stdin_is_input() -> bool {
 impl Vm {
     /// Runs the VM to completion and returns why it stopped.
     pub fn run(self) -> Result<ExitOutcome, VmError> {
+        self.run_with_api(None)
+    }
+
+    /// Like [`Vm::run`], serving the control API on `api` while the vCPUs
+    /// run; the socket is removed when the VM ends, also on error paths.
+    pub fn run_with_api(self, api: Option<ApiSocket>) -> Result<ExitOutcome, VmError> {
         // SIGINT/SIGTERM go to a signalfd read by this thread only; the vCPU
         // threads inherit the blocked mask.
         let mut sigs = SigSet::empty();
@@ -96,6 +105,16 @@ impl Vm {
         if stdin_is_input() && epoll_add(&epoll, libc::STDIN_FILENO, TOKEN_STDIN).is_err() {
             log::debug!("stdin cannot be polled; guest serial input disabled");
         }
+
+        // After the signal mask above, so the server's threads inherit it;
+        // dropped when run returns, after the vCPUs are joined.
+        let _api = match api {
+            Some(socket) => {
+                let vm = LiveVm::with_sampler(&self.config, self.control.clone(), self.mem.clone());
+                Some(ApiServer::start(socket, Arc::new(vm)).map_err(VmError::Api)?)
+            }
+            None => None,
+        };
 
         let handles: Vec<JoinHandle<()>> = self
             .vcpus

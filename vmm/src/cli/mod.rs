@@ -1,13 +1,26 @@
 //! The thin `ksmvm` command line: parses arguments, builds what was asked
 //! for and maps errors to exit statuses (2 = bad input, 1 = failure).
 
+mod error;
+mod exporter;
+mod fleet;
+mod format;
 pub mod ksm;
+mod list;
+mod stats;
+mod top;
+
+pub use error::CliError;
+pub use fleet::{discover, VmEntry, VmStatus};
+pub use top::{build_frame, render_text, Frame};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::api::runtime_dir;
 use crate::config::{SerialSink, VmConfig};
 
 #[derive(Parser, Debug)]
@@ -27,6 +40,38 @@ pub enum Command {
     /// Inspect and tune the host's KSM.
     #[command(subcommand)]
     Ksm(ksm::KsmCommand),
+    /// List the VMs of the runtime directory ($KSMVM_RUNTIME_DIR, default /run/ksmvm).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM's memory and KSM statistics.
+    Stats {
+        /// VM name (its socket is RUNTIME_DIR/NAME.sock).
+        name: String,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        /// The VM's API socket, if not the default one.
+        #[arg(long)]
+        api_sock: Option<PathBuf>,
+    },
+    /// Live table of every VM with the host's KSM totals (q quits).
+    Top {
+        /// Print one plain-text frame and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        /// Refresh interval.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
+    /// Serve Prometheus metrics of every VM and of the host's KSM over HTTP.
+    Exporter {
+        /// Address to listen on, e.g. 127.0.0.1:9810 (port 0: any free port).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -50,11 +95,15 @@ pub struct RunArgs {
     #[arg(long, default_value = "stdout")]
     pub serial: SerialSink,
     /// Mark guest memory MADV_MERGEABLE for KSM.
-    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub ksm: bool,
     /// VM name (used for the API socket and in statistics).
     #[arg(long, default_value = "vm")]
     pub name: String,
+    /// Control API socket (default: RUNTIME_DIR/NAME.sock, where RUNTIME_DIR
+    /// is $KSMVM_RUNTIME_DIR or /run/ksmvm).
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
 }
 
 pub fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -80,6 +129,15 @@ impl RunArgs {
     }
 }
 
+/// Binds the VM's API socket (the name was validated by the build).
+fn bind_api(args: &RunArgs) -> Result<crate::api::ApiSocket, crate::api::SocketError> {
+    let path = args
+        .api_sock
+        .clone()
+        .unwrap_or_else(|| crate::api::socket_path(&args.name));
+    crate::api::ApiSocket::bind(&path, &args.name)
+}
+
 fn run_vm(args: &RunArgs) -> ExitCode {
     let vm = match crate::builder::build(args.to_config()) {
         Ok(vm) => vm,
@@ -88,7 +146,14 @@ fn run_vm(args: &RunArgs) -> ExitCode {
             return ExitCode::from(e.exit_code());
         }
     };
-    match vm.run() {
+    let socket = match bind_api(args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ksmvm: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match vm.run_with_api(Some(socket)) {
         Ok(outcome) if outcome.is_success() => {
             log::info!("{outcome}");
             ExitCode::SUCCESS
@@ -116,5 +181,47 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::List { json } => report(list::run(&runtime_dir(), json, &mut stdout())),
+        Command::Stats {
+            name,
+            json,
+            api_sock,
+        } => report(
+            stats_socket(&name, api_sock)
+                .and_then(|socket| stats::run(&socket, json, &mut stdout())),
+        ),
+        Command::Top { once, interval_ms } => report(top::run(
+            &runtime_dir(),
+            once,
+            Duration::from_millis(interval_ms),
+            &mut stdout(),
+        )),
+        Command::Exporter { listen } => report(exporter::run(listen, runtime_dir(), &mut stdout())),
+    }
+}
+
+fn stdout() -> std::io::StdoutLock<'static> {
+    std::io::stdout().lock()
+}
+
+fn report(r: Result<(), CliError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ksmvm: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--api-sock`, else RUNTIME_DIR/NAME.sock (the name becomes a file name,
+/// so it is validated first).
+fn stats_socket(name: &str, api_sock: Option<PathBuf>) -> Result<PathBuf, CliError> {
+    match api_sock {
+        Some(p) => Ok(p),
+        None => {
+            crate::config::validate_name(name)?;
+            Ok(crate::api::socket_path_in(&runtime_dir(), name))
+        }
     }
 }

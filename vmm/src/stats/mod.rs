@@ -71,6 +71,10 @@ pub struct VmStats {
     pub ksm_saved_bytes: Option<i64>,
     /// KSM's rmap items for this process, bytes (derived from ksm_stat).
     pub ksm_metadata_bytes: Option<u64>,
+    /// Age of the smaps-derived figures (Pss, swap, huge pages, overhead) in
+    /// a cheap sample; Rss and the KSM counters are always fresh.
+    #[serde(default)]
+    pub detail_age_ms: Option<u64>,
 }
 
 impl KsmProcessStats {
@@ -134,6 +138,7 @@ impl VmStats {
             guest_ram,
             ksm,
             process_rss,
+            detail_age_ms: None,
         }
     }
 }

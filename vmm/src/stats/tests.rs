@@ -258,6 +258,31 @@ fn real_64mib_mapping_is_measured() {
     assert_eq!(split.guest_ram.rss, 64 * MIB);
 }
 
+#[test]
+fn fresh_sample_tracks_residency_between_smaps_passes() {
+    let mut m = AnonMapping::new(32 << 20);
+    m.madvise(libc::MADV_NOHUGEPAGE);
+    let mut sampler = Sampler::new([m.region()]).unwrap();
+    let first = sampler.sample_fresh(Duration::from_secs(3600)).unwrap();
+    assert_eq!(first.guest_ram.rss, 0);
+    assert_eq!(
+        first.detail_age_ms,
+        Some(0),
+        "the first sample is a full one"
+    );
+    m.fill_unique();
+    // No new smaps pass (the detail is young), but Rss is current.
+    let fresh = sampler.sample_fresh(Duration::from_secs(3600)).unwrap();
+    assert_eq!(fresh.guest_ram.rss, 32 * MIB);
+    assert_eq!(fresh.guest_ram.pss, 0, "Pss still from the first pass");
+    assert!(fresh.detail_age_ms.is_some());
+    assert_eq!(fresh.vmm_overhead_bytes, first.vmm_overhead_bytes);
+    // A zero max age forces a full pass.
+    let full = sampler.sample_fresh(Duration::ZERO).unwrap();
+    assert_eq!(full.guest_ram.pss, 32 * MIB);
+    assert_eq!(full.detail_age_ms, Some(0));
+}
+
 /// `cargo test --release -p ksmvm --lib sample_time_1gib -- --ignored --nocapture`
 #[test]
 #[ignore = "allocates 1 GiB; run by hand to measure"]
@@ -293,6 +318,22 @@ fn sample_time_1gib() {
         )
         .unwrap();
         println!("  kernel only (read smaps, no parsing): {:?}", t.elapsed());
+        let mut fresh: Vec<Duration> = (0..50)
+            .map(|_| {
+                let t = Instant::now();
+                let s = sampler.sample_fresh(Duration::from_secs(3600)).unwrap();
+                let d = t.elapsed();
+                assert_eq!(s.guest_ram.rss, 1 << 30);
+                d
+            })
+            .collect();
+        fresh.sort();
+        println!(
+            "  sample_fresh() (mincore + ksm_stat): min {:?} median {:?} max {:?}",
+            fresh[0],
+            fresh[fresh.len() / 2],
+            fresh[fresh.len() - 1]
+        );
         println!(
             "sample() of 1 GiB guest RAM ({name}, AnonHugePages {} MiB): min {:?} median {:?} max {:?}",
             s.guest_ram.anon_huge_pages >> 20,

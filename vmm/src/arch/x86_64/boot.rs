@@ -72,6 +72,10 @@ pub enum BootError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("invalid kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
+    #[error(
+        "invalid kernel command line: byte {byte:#04x} at offset {offset} is not printable ASCII"
+    )]
+    CmdlineNotAscii { byte: u8, offset: usize },
     #[error("cannot write the command line to guest memory: {0}")]
     CmdlineLoad(linux_loader::loader::Error),
     #[error("the e820 map has {0} entries, boot_params holds at most {E820_MAX_ENTRIES}")]
@@ -245,6 +249,16 @@ pub fn load_command_line(
             len: cmdline.len() + 1,
             max,
         });
+    }
+    // The kernel parses the command line as ASCII; anything else is a typo
+    // or an encoding accident that would silently change parameters.
+    if let Some((offset, &byte)) = cmdline
+        .as_bytes()
+        .iter()
+        .enumerate()
+        .find(|(_, b)| !(0x20..0x7f).contains(*b))
+    {
+        return Err(BootError::CmdlineNotAscii { byte, offset });
     }
     let cl = Cmdline::try_from(cmdline, max).map_err(BootError::Cmdline)?;
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cl).map_err(BootError::CmdlineLoad)

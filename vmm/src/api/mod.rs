@@ -1,0 +1,36 @@
+//! The per-VM control API: HTTP/1.1 + JSON on a Unix socket
+//! (`/run/ksmvm/NAME.sock` by default), in the style of Firecracker's API.
+//! `docs/api/openapi.yaml` describes every route in [`routes::ROUTES`].
+//!
+//! The server runs on its own thread and answers from a [`VmBackend`];
+//! the CLI views (`list`, `stats`, `top`, `exporter`) talk to it through
+//! [`ApiClient`].
+
+mod backend;
+mod client;
+mod handler;
+mod host;
+mod http;
+mod live;
+mod metrics;
+mod paths;
+pub mod routes;
+mod server;
+mod socket;
+mod types;
+
+pub use backend::{BackendError, StatsSource, VmBackend};
+pub use client::{parse_response, ApiClient, ClientError, ClientResponse};
+pub use handler::{handle, Reply, MAX_BODY_BYTES};
+pub use host::{page_size, HostSample};
+pub use http::{Handler, HttpServer, Listener};
+pub use live::LiveVm;
+pub use metrics::{
+    render_vm, Exposition, Kind as MetricKind, CONTENT_TYPE as METRICS_CONTENT_TYPE,
+};
+pub use paths::{
+    list_sockets, runtime_dir, socket_path, socket_path_in, DEFAULT_RUNTIME_DIR, RUNTIME_DIR_ENV,
+};
+pub use server::ApiServer;
+pub use socket::{ApiSocket, SocketError, SocketFile};
+pub use types::{Action, ActionRequest, ErrorBody, OnOff, VmInfo, VmState};

@@ -1,0 +1,164 @@
+//! The JSON bodies of the control API, shared by the server and its clients.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether the vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Running,
+    Paused,
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+        })
+    }
+}
+
+/// Whether guest RAM is a KSM merge candidate (MADV_MERGEABLE) right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+impl From<bool> for OnOff {
+    fn from(on: bool) -> Self {
+        if on {
+            Self::On
+        } else {
+            Self::Off
+        }
+    }
+}
+
+impl fmt::Display for OnOff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::On => "on",
+            Self::Off => "off",
+        })
+    }
+}
+
+/// `GET /`: what the VM is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: VmState,
+    /// The VMM process.
+    pub pid: u32,
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    /// Path of the guest kernel image.
+    pub kernel: String,
+    /// Seconds since the vCPUs started.
+    pub uptime_s: f64,
+    pub ksm: OnOff,
+}
+
+/// `PUT /actions` body: `{"action": "..."}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Stop the VM (the process exits with success).
+    Shutdown,
+    /// Stop running the vCPUs; memory stays as it is.
+    Pause,
+    Resume,
+    /// MADV_UNMERGEABLE on guest RAM: KSM copies this VM's merged pages back.
+    KsmUnmerge,
+    /// MADV_MERGEABLE on guest RAM again.
+    KsmMerge,
+}
+
+impl Action {
+    pub const ALL: [Action; 5] = [
+        Self::Shutdown,
+        Self::Pause,
+        Self::Resume,
+        Self::KsmUnmerge,
+        Self::KsmMerge,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Shutdown => "shutdown",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::KsmUnmerge => "ksm_unmerge",
+            Self::KsmMerge => "ksm_merge",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Action {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("unknown action {s:?}"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRequest {
+    pub action: Action,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_round_trip_through_json_and_strings() {
+        for a in Action::ALL {
+            let json = serde_json::to_string(&ActionRequest { action: a }).unwrap();
+            assert_eq!(json, format!(r#"{{"action":"{a}"}}"#));
+            let back: ActionRequest = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.action, a);
+            assert_eq!(a.as_str().parse::<Action>(), Ok(a));
+        }
+        assert!(serde_json::from_str::<ActionRequest>(r#"{"action":"reboot"}"#).is_err());
+        assert!(serde_json::from_str::<ActionRequest>(r#"{"action":"pause","x":1}"#).is_err());
+    }
+
+    #[test]
+    fn info_uses_lowercase_words() {
+        let info = VmInfo {
+            name: "a".into(),
+            state: VmState::Paused,
+            pid: 1,
+            vcpus: 1,
+            mem_mib: 64,
+            kernel: "/k".into(),
+            uptime_s: 1.5,
+            ksm: OnOff::On,
+        };
+        let v = serde_json::to_value(&info).unwrap();
+        assert_eq!(v["state"], "paused");
+        assert_eq!(v["ksm"], "on");
+    }
+}
