@@ -59,7 +59,9 @@ fn bench(c: &mut Criterion, name: &str, advice: libc::c_int) {
     let mut sampler = Sampler::new([mem.region()]).expect("sampler");
     let first = sampler.sample().expect("sample");
     assert_eq!(first.guest_ram.rss, GIB as u64, "the whole GiB is resident");
-    c.bench_function(name, |b| b.iter(|| black_box(sampler.sample().expect("sample"))));
+    c.bench_function(name, |b| {
+        b.iter(|| black_box(sampler.sample().expect("sample")))
+    });
 }
 
 fn samplers(c: &mut Criterion) {

@@ -129,8 +129,9 @@ fn boot_once(target: &BootTarget, i: u64, timeout: Duration) -> Result<BootRun> 
     };
     let ready = g.wait_ready(timeout)?;
     let ms = |t: Instant| t.duration_since(t0).as_secs_f64() * 1e3;
+    // From /proc in every case, so that ksmvm and other VMMs are measured alike.
     let stats = if target.is_ksmvm {
-        VmStatsSource::for_ksmvm(g.pid(), target.mem_mib)
+        VmStatsSource::from_proc(g.pid(), target.mem_mib)
     } else {
         VmStatsSource::for_other_vmm(g.pid(), (target.mem_mib << 20) / 2)
     }

@@ -35,12 +35,14 @@ impl VmmArgs {
     }
 
     pub fn launcher(&self, runtime: &RuntimeDir) -> Result<Launcher> {
+        let caps = VmmCaps::detect(&self.ksmvm)?;
         Ok(Launcher {
             ksmvm: self.ksmvm.clone(),
             probe: self.probe.clone(),
             extra_args: Vec::new(),
             env: vec![runtime.env()],
-            caps: VmmCaps::detect(&self.ksmvm)?,
+            caps,
+            api_dir: caps.api_sock.then(|| runtime.path().to_path_buf()),
         })
     }
 }

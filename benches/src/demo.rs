@@ -166,16 +166,26 @@ pub fn run(args: DemoArgs) -> Result<()> {
         mib(ideal * PAGE_SIZE),
         100.0 * saved_pages as f64 / ideal.max(1) as f64
     );
+    let resident: u64 = vms.iter().map(|v| v.2.guest_ram.rss).sum();
+    let effective: Option<u64> = vms.iter().map(|v| v.2.effective_bytes).sum();
+    let overhead: u64 = vms.iter().map(|v| v.2.vmm_overhead_bytes).sum();
     println!(
-        "  memory used      {:.1} MiB before merging -> {:.1} MiB after (ideal: {:.0} without KSM, {:.0} with)",
-        before_used,
-        host.host_used_mib,
+        "  guest RAM        {:.1} MiB resident, {} MiB effective (ideal: {:.0} without KSM, {:.0} with); \
+         VMM overhead {:.1} MiB in all",
+        mib(resident),
+        opt1(effective.map(mib)),
         mib(profile.ideal_without_ksm(n)),
-        mib(profile.ideal_with_ksm(n))
+        mib(profile.ideal_with_ksm(n)),
+        mib(overhead)
+    );
+    println!(
+        "  host memory      {:+.1} MiB used since the start before merging, {:+.1} MiB after \
+         (MemAvailable; other processes count too)",
+        before_used, host.host_used_mib
     );
     match converged {
         Some(secs) => println!(
-            "  convergence      {secs:.1} s after enabling KSM ({} full scans)",
+            "  convergence      {secs:.1} s after enabling KSM ({} full scans since the guests were READY)",
             host.full_scans
                 - monitor
                     .host

@@ -32,6 +32,9 @@ pub struct Launcher {
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub caps: VmmCaps,
+    /// Where the guests' API sockets appear (their KSMVM_RUNTIME_DIR), when
+    /// the binary has the control API.
+    pub api_dir: Option<PathBuf>,
 }
 
 /// What one guest runs.
@@ -117,6 +120,8 @@ pub struct Guest {
     pub spawned_at: Instant,
     first_byte: Arc<OnceLock<Instant>>,
     pub ready_at: Option<Instant>,
+    /// The VMM's control API socket, if it has one.
+    pub api_socket: Option<PathBuf>,
     serial_tail: VecDeque<String>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     exited: bool,
@@ -126,7 +131,12 @@ impl Guest {
     /// Starts `ksmvm run` for `spec`.
     pub fn spawn(launcher: &Launcher, spec: &GuestSpec) -> Result<Self> {
         let mut cmd = launcher.command(spec);
-        Self::spawn_command(&mut cmd, spec.name.clone(), spec.mem_mib)
+        let mut g = Self::spawn_command(&mut cmd, spec.name.clone(), spec.mem_mib)?;
+        g.api_socket = launcher
+            .api_dir
+            .as_ref()
+            .map(|d| d.join(format!("{}.sock", spec.name)));
+        Ok(g)
     }
 
     /// Starts any VMM command whose stdout is the guest's serial console.
@@ -160,6 +170,7 @@ impl Guest {
             spawned_at,
             first_byte,
             ready_at: None,
+            api_socket: None,
             serial_tail: VecDeque::new(),
             stderr_tail,
             exited: false,

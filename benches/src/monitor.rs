@@ -207,12 +207,13 @@ impl Monitor {
         self.sources.retain(|pid, _| live.contains(pid));
         for g in fleet.guests() {
             let pid = g.pid();
-            let src = match self.sources.entry(pid) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(VmStatsSource::for_ksmvm(pid, g.mem_mib)?)
-                }
-            };
+            let src =
+                match self.sources.entry(pid) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                        VmStatsSource::for_ksmvm(pid, g.mem_mib, g.api_socket.as_deref())?,
+                    ),
+                };
             out.push((g.name.clone(), pid, src.sample()?));
         }
         Ok(out)

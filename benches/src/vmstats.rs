@@ -1,27 +1,38 @@
 //! Per-VM statistics of a running guest, read from outside its VMM.
 //!
-//! The one place that knows how: today it runs `ksmvm::stats::Sampler` on
-//! `/proc/PID/smaps` and `/proc/PID/ksm_stat` of the ksmvm process, finding
-//! guest RAM in `/proc/PID/maps`. The figures are the same `VmStats` that
-//! `ksmvm stats NAME --json` reports (docs/stats.md); when the control API
-//! is merged this can ask the VMM instead without changing any caller.
+//! The one place that knows how. A ksmvm with the control API is asked
+//! over its socket (`GET /stats`, the same `VmStats` as `ksmvm stats NAME
+//! --json`, docs/stats.md); otherwise, and for other VMMs, the harness runs
+//! `ksmvm::stats::Sampler` itself on `/proc/PID/smaps` and
+//! `/proc/PID/ksm_stat`, finding guest RAM in `/proc/PID/maps`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use ksmvm::api::ApiClient;
 use ksmvm::arch::x86_64::ram_ranges;
 use ksmvm::stats::{GuestRegions, Sampler, VmStats};
 
-/// Samples one VMM process repeatedly (keeps its proc files open).
-pub struct VmStatsSource {
-    sampler: Sampler,
+/// Samples one VMM repeatedly (keeps its proc files open).
+pub enum VmStatsSource {
+    Api(ApiClient),
+    Proc(Box<Sampler>),
 }
 
 impl VmStatsSource {
-    /// For a ksmvm process with `mem_mib` of guest RAM.
-    pub fn for_ksmvm(pid: u32, mem_mib: u64) -> Result<Self> {
+    /// For a ksmvm process with `mem_mib` of guest RAM: through its API
+    /// socket when it has one, else from /proc.
+    pub fn for_ksmvm(pid: u32, mem_mib: u64, api_socket: Option<&Path>) -> Result<Self> {
+        if let Some(sock) = api_socket.filter(|s| s.exists()) {
+            return Ok(Self::Api(ApiClient::new(sock)));
+        }
+        Self::from_proc(pid, mem_mib)
+    }
+
+    /// For a ksmvm process, from /proc.
+    pub fn from_proc(pid: u32, mem_mib: u64) -> Result<Self> {
         let proc = PathBuf::from(format!("/proc/{pid}"));
         let maps = fs::read_to_string(proc.join("maps"))
             .with_context(|| format!("reading /proc/{pid}/maps"))?;
@@ -59,11 +70,16 @@ impl VmStatsSource {
             &proc.join("ksm_stat"),
             Path::new(ksmvm::ksm::Ksm::SYSFS_ROOT).is_dir(),
         )?;
-        Ok(Self { sampler })
+        Ok(Self::Proc(Box::new(sampler)))
     }
 
     pub fn sample(&mut self) -> Result<VmStats> {
-        Ok(self.sampler.sample()?)
+        match self {
+            Self::Api(c) => c
+                .stats()
+                .with_context(|| format!("GET /stats on {}", c.path().display())),
+            Self::Proc(s) => Ok(s.sample()?),
+        }
     }
 }
 
