@@ -98,8 +98,11 @@ pub struct BootTarget {
     pub mem_mib: u64,
     /// ksmvm: guest RAM found exactly; other VMMs: by a size heuristic.
     pub is_ksmvm: bool,
-    /// Stop with `poweroff` on the serial input (the probe) or SIGKILL.
+    /// Stop with `poweroff` on the serial input (the probe), else SIGTERM
+    /// (SIGKILL after 3 s).
     pub poweroff: bool,
+    /// The serial line (substring) that means the guest is ready.
+    pub ready_pattern: String,
 }
 
 /// Boots `target` `runs` times, one after another.
@@ -127,7 +130,7 @@ fn boot_once(target: &BootTarget, i: u64, timeout: Duration) -> Result<BootRun> 
         Some(path) => wait_socket(path, t0, timeout)?,
         None => None,
     };
-    let ready = g.wait_ready(timeout)?;
+    let ready = g.wait_for(&target.ready_pattern, timeout)?.at;
     let ms = |t: Instant| t.duration_since(t0).as_secs_f64() * 1e3;
     // From /proc in every case, so that ksmvm and other VMMs are measured alike.
     let stats = if target.is_ksmvm {
@@ -150,7 +153,7 @@ fn boot_once(target: &BootTarget, i: u64, timeout: Duration) -> Result<BootRun> 
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    g.kill();
+    g.terminate(Duration::from_secs(3));
     Ok(BootRun {
         vmm: target.label.clone(),
         run: i,
@@ -219,6 +222,7 @@ pub fn ksmvm_target(vmm: &VmmArgs, runtime: &RuntimeDir, profile: &Profile) -> R
         mem_mib: profile.mem_mib,
         is_ksmvm: true,
         poweroff: true,
+        ready_pattern: "PROBE READY".into(),
     })
 }
 

@@ -4,7 +4,11 @@
 //! In CMD, `{kernel}`, `{cmdline}`, `{mem_mib}` and `{name}` are replaced by
 //! the probe path, the probe command line of the profile, its memory size
 //! and a per-boot name. CMD runs under `sh -c "exec CMD"`; its stdout must be
-//! the guest's serial console (READY = a line containing --ready-pattern).
+//! the guest's serial console; "ready" is the first line containing
+//! `--ready-pattern` (default `PROBE READY`; another VMM may boot another
+//! guest, e.g. a Linux kernel with the pattern of its last boot line). The
+//! other VMM is stopped with SIGTERM (SIGKILL after 3 s); its guest RAM is taken to be every
+//! anonymous or shared-memory mapping of at least half the guest's memory.
 
 use std::process::Command;
 use std::time::Duration;
@@ -76,8 +80,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
         &args.vmm.ksmvm,
         &args.vmm.probe,
     )?;
-    if args.ready_pattern != "PROBE READY" {
-        bail!("only the probe's \"PROBE READY\" is supported as --ready-pattern for now");
+    if args.ready_pattern.is_empty() {
+        bail!("--ready-pattern must not be empty");
     }
     let profile = args.vmm.profiles()?.get(&args.profile)?.clone();
     let runtime = RuntimeDir::create("compare")?;
@@ -108,6 +112,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         mem_mib: profile.mem_mib,
         is_ksmvm: false,
         poweroff: false,
+        ready_pattern: args.ready_pattern.clone(),
     };
     let timeout = Duration::from_secs(args.timeout_s);
     let mut results = ResultsDir::create(&args.out.results, "compare")?;

@@ -496,7 +496,10 @@ fn write_plots(results: &mut ResultsDir, p: &Profile, runs: &[ModeRun]) -> Resul
             .filter_map(|pt| pt.vms_effective_mib.map(|e| (pt.n as f64, e)))
             .collect();
         series.push(Series::new(
-            format!("{} (sum of VM Pss)", r.capacity.mode),
+            format!(
+                "{} (sum over VMs: Pss + KSM metadata + VMM overhead)",
+                r.capacity.mode
+            ),
             eff,
             Style::Points,
         ));

@@ -281,6 +281,20 @@ impl Guest {
         }
     }
 
+    /// SIGTERM, then SIGKILL after `grace`; reaps it.
+    pub fn terminate(&mut self, grace: Duration) {
+        if self.has_exited() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let end = Instant::now() + grace;
+        while !self.has_exited() && Instant::now() < end {
+            thread::sleep(Duration::from_millis(5));
+        }
+        self.kill();
+    }
+
     /// SIGKILL and reap; a no-op once it has exited.
     pub fn kill(&mut self) {
         if !self.has_exited() {
