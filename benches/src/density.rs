@@ -88,6 +88,7 @@ pub struct Point {
     pub pages_sharing: i64,
     /// Seconds from the last guest's READY to convergence (KSM on).
     pub converged_s: Option<f64>,
+    /// ksmd CPU seconds over the wall time of the measurement, %.
     pub ksmd_cpu_avg_pct: Option<f64>,
     pub ideal_with_ksm_mib: f64,
     pub ideal_without_ksm_mib: f64,
@@ -380,7 +381,7 @@ fn measure(
 ) -> Result<Point> {
     let n = fleet.len() as u64;
     let p = plan.profile;
-    let start = mon.host.len();
+    let (t0, cpu0) = (Instant::now(), mon.ksmd_cpu_seconds());
     let converged_s = if ksm_on {
         mon.wait_converged(fleet, plan.interval, plan.converge_timeout, false, b)?
     } else {
@@ -403,10 +404,11 @@ fn measure(
         .iter()
         .map(|v| v.effective_mib.map(|e| e + v.vmm_overhead_mib))
         .sum::<Option<f64>>();
-    let cpu: Vec<f64> = mon.host[start..]
-        .iter()
-        .filter_map(|h| h.ksmd_cpu_pct)
-        .collect();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = match (cpu0, mon.ksmd_cpu_seconds()) {
+        (Some(a), Some(b)) if elapsed > 0.0 => Some(100.0 * (b - a) / elapsed),
+        _ => None,
+    };
     Ok(Point {
         mode: if ksm_on { "ksm-on" } else { "ksm-off" }.into(),
         n,
@@ -415,7 +417,7 @@ fn measure(
         saved_mib: s.saved_mib,
         pages_sharing: s.pages_sharing,
         converged_s,
-        ksmd_cpu_avg_pct: (!cpu.is_empty()).then(|| cpu.iter().sum::<f64>() / cpu.len() as f64),
+        ksmd_cpu_avg_pct: cpu,
         ideal_with_ksm_mib: mib(p.ideal_with_ksm(n)),
         ideal_without_ksm_mib: mib(p.ideal_without_ksm(n)),
     })

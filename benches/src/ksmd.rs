@@ -3,9 +3,12 @@
 
 use std::fs;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ksmvm::ksm::{find_ksmd, parse_stat_ticks};
+
+/// Shortest window a CPU percentage is computed over.
+pub const MIN_WINDOW: Duration = Duration::from_millis(500);
 
 pub struct KsmdMeter {
     pid: Option<u32>,
@@ -34,14 +37,23 @@ impl KsmdMeter {
         parse_stat_ticks(&text)
     }
 
-    /// Percent of one CPU since the previous call; None without a visible ksmd.
+    /// Percent of one CPU since the previous reading; None without a
+    /// visible ksmd, or when less than [`MIN_WINDOW`] passed (CPU time
+    /// comes in clock ticks, so a short window would be mostly rounding;
+    /// the reading then stays the reference for the next call).
     pub fn sample(&mut self) -> Option<f64> {
         let now = Instant::now();
         let ticks = self.read()?;
-        let prev = self.last.replace((now, ticks));
-        let (t0, k0) = prev?;
+        let Some((t0, k0)) = self.last else {
+            self.last = Some((now, ticks));
+            return None;
+        };
         let secs = now.duration_since(t0).as_secs_f64();
-        (secs > 0.0).then(|| 100.0 * ticks.saturating_sub(k0) as f64 / self.hz / secs)
+        if secs < MIN_WINDOW.as_secs_f64() {
+            return None;
+        }
+        self.last = Some((now, ticks));
+        Some(100.0 * ticks.saturating_sub(k0) as f64 / self.hz / secs)
     }
 
     /// Total ksmd CPU seconds so far (for averages over an interval).

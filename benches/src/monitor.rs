@@ -146,6 +146,11 @@ impl Monitor {
         self.t0.elapsed().as_secs_f64()
     }
 
+    /// ksmd's CPU seconds so far (None without a visible ksmd).
+    pub fn ksmd_cpu_seconds(&self) -> Option<f64> {
+        self.ksmd.cpu_seconds()
+    }
+
     pub fn counters(&self) -> KsmCounters {
         self.ksm.counters().unwrap_or_default()
     }
