@@ -278,10 +278,12 @@ fn run_mode(
             break "target reached".to_string();
         }
         let m = MemInfo::read()?;
-        let used = m.used().saturating_sub(mon.baseline.mem_used);
         let foot = p.footprint_bytes();
         let margin_ok = m.available.saturating_sub(foot) >= plan.margin;
-        let budget_ok = plan.budget.is_none_or(|b| used + foot <= b);
+        let budget_ok = match plan.budget {
+            Some(b) => mon.guests_cost(&fleet)? + foot <= b,
+            None => true,
+        };
         if !(margin_ok && budget_ok) {
             if ksm_on && !converged_since_add {
                 // Merging may free enough for one more.
@@ -301,12 +303,14 @@ fn run_mode(
             add_guest(plan, &mut fleet, launcher, &mut mon, ksm_on)?;
             let conv =
                 mon.wait_converged(&mut fleet, plan.interval, plan.converge_timeout, false, &b)?;
-            let used = MemInfo::read()?
-                .used()
-                .saturating_sub(mon.baseline.mem_used);
+            let used = mon.guests_cost(&fleet)?;
             if conv.is_none() || plan.budget.is_some_and(|bud| used > bud) {
                 fleet.stop_last();
                 break "budget".to_string();
+            }
+            b.set_position(fleet.len() as u64);
+            if plan.targets.contains(&(fleet.len() as u64)) {
+                points.push(measure(plan, &mut fleet, &mut mon, ksm_on, &b)?);
             }
             continue;
         }

@@ -224,6 +224,17 @@ impl Monitor {
         Ok(out)
     }
 
+    /// What the guests cost the host, bytes: the sum over VMs of guest RAM
+    /// Pss + KSM metadata (`effective_bytes`; Pss where unknown) + VMM
+    /// overhead. Unlike MemAvailable, other processes do not move it.
+    pub fn guests_cost(&mut self, fleet: &Fleet) -> Result<u64> {
+        Ok(self
+            .vm_stats(fleet)?
+            .iter()
+            .map(|(_, _, s)| s.effective_bytes.unwrap_or(s.guest_ram.pss) + s.vmm_overhead_bytes)
+            .sum())
+    }
+
     /// Samples every `interval` until KSM converges (see [`Convergence`]);
     /// returns the seconds it took, or None on timeout.
     pub fn wait_converged(
