@@ -2,10 +2,11 @@
 //! rows) and every guest's `VmStats` (VM rows), relative to a baseline
 //! taken before the first guest started.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use ksmvm::ksm::{Ksm, KsmCounters};
 use ksmvm::stats::VmStats;
@@ -212,14 +213,29 @@ impl Monitor {
         self.sources.retain(|pid, _| live.contains(pid));
         for g in fleet.guests() {
             let pid = g.pid();
-            let src =
-                match self.sources.entry(pid) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                        VmStatsSource::for_ksmvm(pid, g.mem_mib, g.api_socket.as_deref())?,
-                    ),
-                };
-            out.push((g.name.clone(), pid, src.sample()?));
+            let src = match self.sources.entry(pid) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(VmStatsSource::for_ksmvm(
+                    pid,
+                    g.mem_mib,
+                    g.api_socket.as_deref(),
+                )?),
+            };
+            let stats = match src.sample() {
+                Ok(s) => s,
+                // The API failing must not end a long run while the VMM
+                // lives: the same figures come from /proc.
+                Err(e) if matches!(src, VmStatsSource::Api(_)) => {
+                    eprintln!("{}: {e:#}; reading its /proc files instead", g.name);
+                    let mut fallback = VmStatsSource::from_proc(pid, g.mem_mib)
+                        .with_context(|| format!("{} (pid {pid}) after {e:#}", g.name))?;
+                    let s = fallback.sample()?;
+                    *src = fallback;
+                    s
+                }
+                Err(e) => return Err(e.context(format!("{} (pid {pid})", g.name))),
+            };
+            out.push((g.name.clone(), pid, stats));
         }
         Ok(out)
     }
