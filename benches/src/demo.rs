@@ -155,16 +155,26 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("effective = Pss + KSM metadata: what the VM really costs the host):");
     print!("{}", t.render());
 
-    let ideal = profile.ideal_pages_sharing(n);
-    let saved_pages = host.pages_sharing.max(0) as u64;
+    let ideal = profile.ideal_pages_sharing(n) * PAGE_SIZE;
+    // Per VM, Rss - Pss is what sharing saves it; other processes on the
+    // host do not move this sum, unlike the host-wide counters.
+    let shared: u64 = vms
+        .iter()
+        .map(|v| v.2.guest_ram.rss.saturating_sub(v.2.guest_ram.pss))
+        .sum();
+    let metadata: Option<u64> = vms.iter().map(|v| v.2.ksm_metadata_bytes).sum();
     println!("\nHost:");
     println!(
-        "  KSM saved        {:.1} MiB (pages_sharing +{}, pages_shared +{}); ideal {:.1} MiB ({:.0} % reached)",
-        host.saved_mib,
-        host.pages_sharing,
-        host.pages_shared,
-        mib(ideal * PAGE_SIZE),
-        100.0 * saved_pages as f64 / ideal.max(1) as f64
+        "  KSM saved        {:.1} MiB for these guests (sum of Rss - Pss); ideal {:.1} MiB ({:.0} % reached); \
+         KSM metadata {} MiB",
+        mib(shared),
+        mib(ideal),
+        100.0 * shared as f64 / ideal.max(1) as f64,
+        opt1(metadata.map(mib))
+    );
+    println!(
+        "  KSM counters     pages_sharing {:+}, pages_shared {:+} since the start ({:.1} MiB; host-wide)",
+        host.pages_sharing, host.pages_shared, host.saved_mib
     );
     let resident: u64 = vms.iter().map(|v| v.2.guest_ram.rss).sum();
     let effective: Option<u64> = vms.iter().map(|v| v.2.effective_bytes).sum();
