@@ -23,8 +23,8 @@ KSMVM_UNITS := ksmvm@.service ksmvm-ksm.service
 install: install-bin install-units install-examples
 
 install-bin:
-	$(CARGO) build --release -p ksmvm
-	install -D -m 0755 target/release/ksmvm $(DESTDIR)$(BINDIR)/ksmvm
+	$(MAKE) ksmvm
+	install -D -m 0755 target/vmm/ksmvm $(DESTDIR)$(BINDIR)/ksmvm
 
 # The units name /usr/bin/ksmvm; point them at BINDIR.
 install-units:
