@@ -85,7 +85,11 @@ pub fn init(level: LevelFilter) {
 /// practice `init`), for the boot timeline at debug level.
 pub fn uptime_ms() -> f64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64() * 1000.0
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs_f64()
+        * 1000.0
 }
 
 /// Logs a boot milestone at debug level with the time since start.
