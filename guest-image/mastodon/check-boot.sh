@@ -103,7 +103,7 @@ qpid=$!
 
 marker=""
 while :; do
-    if marker="$(grep -a -m1 '^KSMVM-READY ' "$CONSOLE" 2>/dev/null)"; then break; fi
+    if marker="$(grep -a -o -m1 'KSMVM-READY .*' "$CONSOLE" 2>/dev/null)"; then break; fi
     if ! kill -0 "$qpid" 2>/dev/null; then
         wait "$qpid" || true; qpid=""
         tail -n 40 "$CONSOLE" >&2 || true; cat "$RUNDIR/qemu.log" >&2
@@ -118,7 +118,7 @@ done
 ready_s=$(( $(date +%s) - start ))
 marker="$(tr -d '\r' <<<"$marker")"
 log "after ${ready_s}s: $marker"
-grep -a '^KSMVM-FAILED ' "$CONSOLE" | tr -d '\r' >&2 || true
+grep -a -o 'KSMVM-FAILED .*' "$CONSOLE" | tr -d '\r' >&2 || true
 echo "$marker" >"$RUNDIR/marker"
 echo "$ready_s" >"$RUNDIR/ready_seconds"
 

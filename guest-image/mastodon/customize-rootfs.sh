@@ -11,6 +11,8 @@ rm -f "$R/var/lib/dbus/machine-id"
 ln -sf /etc/machine-id "$R/var/lib/dbus/machine-id"
 echo ksmvm >"$R/etc/hostname"               # overridden by systemd.hostname=
 ln -sfn ../run/ksmvm/resolv.conf "$R/etc/resolv.conf"
+# Mount point of the data disk (the root is read-only: it must exist).
+install -d -m 0755 "$R/data"
 
 # PostgreSQL: keep the cluster's configuration (/etc/postgresql/15/main),
 # drop its data (initdb on each data disk: ksmvm-pg-init), local-only, no SSL
@@ -28,6 +30,7 @@ in_root chown www-data:www-data /var/cache/nginx
 in_root useradd --create-home --user-group --shell /bin/bash --comment Mastodon mastodon
 
 # Units.
+in_root systemctl set-default multi-user.target
 in_root systemctl enable ksmvm-data.service ksmvm-ready.service systemd-networkd.service \
     mastodon-setup.service mastodon-web.service mastodon-sidekiq.service mastodon-streaming.service
 # Periodic jobs that would wake ~100 idle guests for nothing, and
