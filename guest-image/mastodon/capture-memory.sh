@@ -8,7 +8,9 @@
 #
 # OUTDIR gets, per instance NAME: NAME.data.ext4, NAME.toml, NAME.run/
 # (console log), NAME.ram (the captured RAM, sparse) and NAME.ram.meta;
-# and report.txt / report.json from memprofile.
+# and report.txt / report.json from memprofile, plus the first instance's
+# non-zero pages with their classes as a KSMVMRAM pack (NAME.ksmvmram; the
+# format is described in memprofile's write_pack) for a probe guest.
 # Environment: IDLE (seconds after the marker, default 150), MEM_MIB (1024),
 # TIMEOUT (per boot, default 2400), MEMPROFILE (path of the binary).
 set -euo pipefail
@@ -54,6 +56,6 @@ done
 [[ $fail == 0 ]] || die "not every instance was captured"
 rams=()
 for name in "${names[@]}"; do rams+=("$OUTDIR/$name.ram"); done
-"$MEMPROFILE" "${rams[@]}" | tee "$OUTDIR/report.txt"
+"$MEMPROFILE" --pack "$OUTDIR/${names[0]}.ksmvmram" "${rams[@]}" | tee "$OUTDIR/report.txt"
 "$MEMPROFILE" --json "${rams[@]}" >"$OUTDIR/report.json"
 log "report: $OUTDIR/report.txt"

@@ -56,6 +56,7 @@ fi
 # -M microvm, no ACPI: virtio-mmio transports, which QEMU announces on the
 # kernel command line (virtio_mmio.device=...) like ksmvm does; the root disk
 # is the first transport, so it is /dev/vda.
+# shellcheck disable=SC2054  # commas inside QEMU option values
 qemu_cmd=("$QEMU" -M microvm,acpi=off,rtc=on,pit=on,pic=on,isa-serial=on
     -accel tcg -cpu max -smp 1 "${mem[@]}"
     -nodefaults -no-user-config -display none -monitor none

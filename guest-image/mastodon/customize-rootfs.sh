@@ -31,6 +31,8 @@ in_root useradd --create-home --user-group --shell /bin/bash --comment Mastodon 
 
 # Units.
 in_root systemctl set-default multi-user.target
+# The VMM stops a guest with Ctrl-Alt-Del: power off rather than reboot.
+ln -sfn /lib/systemd/system/poweroff.target "$R/etc/systemd/system/ctrl-alt-del.target"
 in_root systemctl enable ksmvm-data.service ksmvm-ready.service systemd-networkd.service \
     mastodon-setup.service mastodon-web.service mastodon-sidekiq.service mastodon-streaming.service
 # Periodic jobs that would wake ~100 idle guests for nothing, and
@@ -40,6 +42,4 @@ in_root systemctl mask apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.ti
     ldconfig.service systemd-update-done.service systemd-journal-catalog-update.service \
     systemd-hwdb-update.service systemd-machine-id-commit.service systemd-firstboot.service \
     getty@tty1.service
-[ -e "$R/lib/systemd/system/man-db.timer" ] && in_root systemctl mask man-db.timer
-install -d "$R/usr/local/share/doc/ksmvm"
-cp "$(dirname "$0")/README.md" "$R/usr/local/share/doc/ksmvm/README.md"
+if [ -e "$R/lib/systemd/system/man-db.timer" ]; then in_root systemctl mask man-db.timer; fi

@@ -90,44 +90,54 @@ cat >"$stage/ksmvm/mastodon.env" <<'ENV'
 ENV
 umask 022
 
-mke2fs -q -t ext4 -L "data-$NAME" -E root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1 -m 0 -d "$stage" "$DATA" "$DATA_SIZE"
+mke2fs -q -t ext4 -L "data-$NAME" -E root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1 -m 0 -d "$stage" "$DATA" "$DATA_SIZE" >/dev/null
 
-cmdline="console=ttyS0 root=/dev/vda ro rootfstype=ext4 panic=-1 reboot=k init_on_free=1"
+cmdline="console=ttyS0 root=/dev/vda ro rootfstype=ext4 panic=-1 reboot=k init_on_free=1 quiet"
 cmdline+=" systemd.machine_id=$machine_id systemd.hostname=$NAME"
 cat >"$TOML" <<TOML
-# ksmvm instance config for Mastodon instance "$NAME" ($DOMAIN).
-# Written by guest-image/mastodon/new-instance.sh. The keys mirror the flags
-# of \`ksmvm run\` (--kernel, --cmdline, --mem-mib, --vcpus, --ksm, --disk,
-# --net, --balloon); the TOML format is still being defined and these keys
-# may need adjusting to it.
+# ksmvm instance config for Mastodon instance "$NAME" ($DOMAIN), written by
+# guest-image/mastodon/new-instance.sh. Format: docs/systemd.md ("Instance
+# files": the keys are the \`ksmvm run\` flags). Install it as
+# /etc/ksmvm/$NAME.toml and \`systemctl enable --now ksmvm@$NAME\`.
 name = "$NAME"
+# The same kernel file for every instance (identical kernel pages).
 kernel = "$KERNEL"
-# virtio-mmio devices are appended by the VMM (virtio_mmio.device=...).
+# virtio-mmio devices add their own parameters (virtio_mmio.device=...).
 # init_on_free=1: freed guest pages are zeroed, so the host merges them into
 # the zero page; systemd.machine_id/hostname: per-instance identity without
 # writing to the shared root.
 cmdline = "$cmdline"
 mem_mib = $MEM_MIB
 vcpus = $VCPUS
-ksm = "on"
+ksm = true
+serial = "file:$OUTDIR/$NAME.console.log"
+# The guest powers off on Ctrl-Alt-Del (ctrl-alt-del.target -> poweroff).
+shutdown_timeout_s = 60
+# Printed by ksmvm-ready.service after multi-user.target, once PostgreSQL,
+# Redis, nginx (and Mastodon, when installed) are active:
+#   KSMVM-READY ok postgresql@15-main=active redis-server=active nginx=active ...
+# ("KSMVM-READY fail ..." when one is not).
+ready = "guest"
+ready_marker = "KSMVM-READY ok"
 
 # The shared root: one image, read-only, the same file for every instance.
 [[disk]]
-id = "root"
 path = "$ROOTFS"
 ro = true
+id = "root"
 
 # This instance's data: PostgreSQL, Redis, media, logs, identity, secrets.
 [[disk]]
-id = "data"
 path = "$DATA"
-ro = false
+id = "data"
 
+# The TAP device must exist (e.g. ip tuntap add dev $NAME mode tap).
 [[net]]
 tap = "$NAME"
 mac = "$mac"
 
+# Free page reporting: pages the guest frees go back to the host.
 [balloon]
-free_page_reporting = true
+free-page-reporting = true
 TOML
 echo "$TOML"

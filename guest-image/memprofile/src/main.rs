@@ -1,23 +1,28 @@
 //! memprofile: what KSM would see in two or more captured guest RAM images.
 //!
 //! ```text
-//! memprofile [--json] [--page-size N] IMAGE IMAGE [IMAGE...]
+//! memprofile [--json] [--page-size N] [--pack FILE] IMAGE IMAGE [IMAGE...]
 //! ```
+//!
+//! `--pack FILE` also writes the first image's non-zero pages, with their
+//! class, in the `KSMVMRAM` format (see `write_pack`): a file a VMM can load
+//! verbatim as an initrd for a probe guest that reproduces the image's
+//! memory composition.
 //!
 //! Every image is read page by page (4 KiB by default). Each page of each
 //! image falls into exactly one class:
 //!
 //! * `zero`        – all bytes zero (KSM: merged into the zero page, or never
-//!                   resident at all when the guest never touched it).
+//!   resident at all when the guest never touched it).
 //! * `same_offset` – non-zero, and the same content at the same offset in
-//!                   every image (typically kernel text/data, page cache of
-//!                   the shared root read in the same order).
+//!   every image (typically kernel text/data, page cache of
+//!   the shared root read in the same order).
 //! * `shared_all`  – non-zero, not `same_offset`, but the content is present
-//!                   (at any offset) in every other image.
+//!   (at any offset) in every other image.
 //! * `shared_some` – the content is present in some, not all, other images
-//!                   (only possible with three or more images).
+//!   (only possible with three or more images).
 //! * `dup_self`    – present in no other image, but at least twice in this one
-//!                   (KSM merges those within one VM too).
+//!   (KSM merges those within one VM too).
 //! * `unique`      – the content occurs exactly once in all images.
 //!
 //! It also reports the number of distinct non-zero contents over all images:
@@ -89,8 +94,22 @@ fn read_hashes(path: &str, page_size: usize) -> io::Result<Vec<u128>> {
     Ok(hashes)
 }
 
+/// Page classes, as stored in a pack's page table (0 is never stored).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+enum Class {
+    Zero = 0,
+    SameOffset = 1,
+    SharedAll = 2,
+    SharedSome = 3,
+    DupSelf = 4,
+    Unique = 5,
+}
+
 struct Report {
     page_size: usize,
+    /// Class of every page of the first image (for --pack).
+    first_classes: Vec<Class>,
     names: Vec<String>,
     per_image: Vec<Counts>,
     /// Non-zero pages over all images (resident before merging, if touched).
@@ -118,6 +137,7 @@ fn analyse(names: Vec<String>, images: &[Vec<u128>], page_size: usize) -> Report
     let max_len = images.iter().map(Vec::len).max().unwrap_or(0);
     let min_len = images.iter().map(Vec::len).min().unwrap_or(0);
     let mut per_image = vec![Counts::default(); n];
+    let mut first_classes = Vec::with_capacity(images[0].len());
     for off in 0..max_len {
         let same = off < min_len && {
             let h0 = images[0][off];
@@ -127,29 +147,46 @@ fn analyse(names: Vec<String>, images: &[Vec<u128>], page_size: usize) -> Report
             let Some(&h) = hashes.get(off) else { continue };
             let c = &mut per_image[i];
             c.pages += 1;
-            if h == ZERO {
+            let class = if h == ZERO {
                 c.zero += 1;
+                Class::Zero
             } else if same {
                 c.same_offset += 1;
+                Class::SameOffset
             } else {
                 let s = seen[&h];
                 let others = s.images & !(1 << i);
                 if others != 0 && s.images == all_mask {
                     c.shared_all += 1;
+                    Class::SharedAll
                 } else if others != 0 {
                     c.shared_some += 1;
+                    Class::SharedSome
                 } else if s.count > 1 {
                     c.dup_self += 1;
+                    Class::DupSelf
                 } else {
                     c.unique += 1;
+                    Class::Unique
                 }
+            };
+            if i == 0 {
+                first_classes.push(class);
             }
         }
     }
     let nonzero_total = per_image.iter().map(|c| c.pages - c.zero).sum();
     let distinct_nonzero = seen.len() as u64;
     let distinct_in_all = seen.values().filter(|s| s.images == all_mask).count() as u64;
-    Report { page_size, names, per_image, nonzero_total, distinct_nonzero, distinct_in_all }
+    Report {
+        page_size,
+        first_classes,
+        names,
+        per_image,
+        nonzero_total,
+        distinct_nonzero,
+        distinct_in_all,
+    }
 }
 
 impl Report {
@@ -162,7 +199,14 @@ impl Report {
         println!("page size {ps} B, {} images; MiB (pages)", self.names.len());
         println!(
             "{:<28} {:>16} {:>16} {:>16} {:>16} {:>16} {:>16} {:>16}",
-            "image", "total", "zero", "same_offset", "shared_all", "shared_some", "dup_self", "unique"
+            "image",
+            "total",
+            "zero",
+            "same_offset",
+            "shared_all",
+            "shared_some",
+            "dup_self",
+            "unique"
         );
         for (name, c) in self.names.iter().zip(&self.per_image) {
             let cell = |p: u64| format!("{:.1} ({})", self.mib(p), p);
@@ -225,6 +269,68 @@ impl Report {
     }
 }
 
+/// Writes the non-zero pages of `image` (the first image of the report) as a
+/// `KSMVMRAM` pack, all integers little-endian:
+///
+/// ```text
+/// offset 0, one page_size block: header
+///   0  8  magic "KSMVMRAM"
+///   8  4  version (1)
+///  12  4  page_size
+///  16  8  source_pages: pages in the captured image (its RAM size / page_size)
+///  24  8  n: pages stored
+///  32  8  shared: how many of them come first with class 1, 2 or 3
+///  40  8  zero pages in the source (not stored)
+///  48  ..  zero
+/// page table: n u64 entries, padded with zeros to a multiple of page_size:
+///   bits 0..=55 the page's frame number in the source (guest-physical
+///   address / page_size), bits 56..=63 its class: 1 same_offset,
+///   2 shared_all, 3 shared_some, 4 dup_self, 5 unique
+/// page data: n pages in table order, shared classes first, then 4 and 5,
+///   each in ascending source address
+/// ```
+///
+/// Every page starts page-aligned in the file, so a VMM that loads the file
+/// page-aligned (as an initrd) gives each page its own guest page.
+fn write_pack(path: &str, image: &str, classes: &[Class], page_size: usize) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut order: Vec<usize> = (0..classes.len())
+        .filter(|&i| classes[i] != Class::Zero)
+        .collect();
+    order.sort_by_key(|&i| (classes[i] as u8 >= Class::DupSelf as u8, i));
+    let shared = order
+        .iter()
+        .filter(|&&i| (classes[i] as u8) < Class::DupSelf as u8)
+        .count();
+    let zero = classes.iter().filter(|&&c| c == Class::Zero).count();
+
+    let mut header = vec![0u8; page_size];
+    header[0..8].copy_from_slice(b"KSMVMRAM");
+    header[8..12].copy_from_slice(&1u32.to_le_bytes());
+    header[12..16].copy_from_slice(&(page_size as u32).to_le_bytes());
+    header[16..24].copy_from_slice(&(classes.len() as u64).to_le_bytes());
+    header[24..32].copy_from_slice(&(order.len() as u64).to_le_bytes());
+    header[32..40].copy_from_slice(&(shared as u64).to_le_bytes());
+    header[40..48].copy_from_slice(&(zero as u64).to_le_bytes());
+    let mut table = Vec::with_capacity(order.len() * 8);
+    for &i in &order {
+        table.extend_from_slice(&((i as u64) | ((classes[i] as u64) << 56)).to_le_bytes());
+    }
+    table.resize(table.len().div_ceil(page_size) * page_size, 0);
+
+    let mut src = File::open(image)?;
+    let mut out = io::BufWriter::with_capacity(1 << 20, File::create(path)?);
+    out.write_all(&header)?;
+    out.write_all(&table)?;
+    let mut page = vec![0u8; page_size];
+    for &i in &order {
+        src.seek(SeekFrom::Start((i * page_size) as u64))?;
+        src.read_exact(&mut page)?;
+        out.write_all(&page)?;
+    }
+    out.flush()
+}
+
 fn json_str(s: &str) -> String {
     let mut o = String::from("\"");
     for ch in s.chars() {
@@ -240,13 +346,14 @@ fn json_str(s: &str) -> String {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: memprofile [--json] [--page-size N] IMAGE IMAGE [IMAGE...]");
+    eprintln!("usage: memprofile [--json] [--page-size N] [--pack FILE] IMAGE IMAGE [IMAGE...]");
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
     let mut json = false;
     let mut page_size = 4096usize;
+    let mut pack = None;
     let mut paths = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -255,6 +362,10 @@ fn main() -> ExitCode {
             "--page-size" => match args.next().and_then(|v| v.parse().ok()) {
                 Some(v) if v >= 64 && v % 64 == 0 => page_size = v,
                 _ => return usage(),
+            },
+            "--pack" => match args.next() {
+                Some(v) => pack = Some(v),
+                None => return usage(),
             },
             "-h" | "--help" => {
                 usage();
@@ -279,6 +390,12 @@ fn main() -> ExitCode {
         }
     }
     let report = analyse(paths, &images, page_size);
+    if let Some(out) = &pack {
+        if let Err(e) = write_pack(out, &report.names[0], &report.first_classes, page_size) {
+            eprintln!("memprofile: {out}: {e}");
+            return ExitCode::from(1);
+        }
+    }
     if json {
         report.print_json();
     } else {
@@ -307,10 +424,16 @@ mod tests {
         let b = hashes(&[page(0), page(1), page(4), page(2), page(5), page(0)]);
         let r = analyse(vec!["a".into(), "b".into()], &[a, b], 64);
         let ca = r.per_image[0];
-        assert_eq!((ca.pages, ca.zero, ca.same_offset, ca.shared_all), (6, 1, 1, 1));
+        assert_eq!(
+            (ca.pages, ca.zero, ca.same_offset, ca.shared_all),
+            (6, 1, 1, 1)
+        );
         assert_eq!((ca.shared_some, ca.dup_self, ca.unique), (0, 2, 1));
         let cb = r.per_image[1];
-        assert_eq!((cb.pages, cb.zero, cb.same_offset, cb.shared_all), (6, 2, 1, 1));
+        assert_eq!(
+            (cb.pages, cb.zero, cb.same_offset, cb.shared_all),
+            (6, 2, 1, 1)
+        );
         assert_eq!((cb.shared_some, cb.dup_self, cb.unique), (0, 0, 2));
         // distinct non-zero: 1, 2, 3, 9, 4, 5
         assert_eq!(r.distinct_nonzero, 6);
@@ -333,6 +456,49 @@ mod tests {
         let r = analyse(vec!["a".into(), "b".into(), "c".into()], &[a, b, c], 64);
         assert_eq!(r.per_image[0].shared_some, 1);
         assert_eq!(r.per_image[2].unique, 2);
+    }
+
+    #[test]
+    fn pack_layout() {
+        let dir = std::env::temp_dir().join(format!("memprofile-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = dir.join("a");
+        let b = dir.join("b");
+        // a: U, zero, S(at 2 in a, 0 in b); b: S, V, zero
+        let mut ia = page(7);
+        ia.extend(page(0));
+        ia.extend(page(3));
+        let mut ib = page(3);
+        ib.extend(page(8));
+        ib.extend(page(0));
+        std::fs::write(&a, &ia).unwrap();
+        std::fs::write(&b, &ib).unwrap();
+        let (sa, sb) = (
+            a.to_str().unwrap().to_string(),
+            b.to_str().unwrap().to_string(),
+        );
+        let images = [read_hashes(&sa, 64).unwrap(), read_hashes(&sb, 64).unwrap()];
+        let r = analyse(vec![sa.clone(), sb], &images, 64);
+        assert_eq!(
+            r.first_classes,
+            vec![Class::Unique, Class::Zero, Class::SharedAll]
+        );
+        let out = dir.join("pack");
+        write_pack(out.to_str().unwrap(), &sa, &r.first_classes, 64).unwrap();
+        let p = std::fs::read(&out).unwrap();
+        assert_eq!(&p[0..8], b"KSMVMRAM");
+        let u64_at = |o: usize| u64::from_le_bytes(p[o..o + 8].try_into().unwrap());
+        assert_eq!(
+            (u64_at(16), u64_at(24), u64_at(32), u64_at(40)),
+            (3, 2, 1, 1)
+        );
+        // table at 64: shared page (frame 2, class 2) first, then unique (frame 0, class 5)
+        assert_eq!(u64_at(64), 2 | (2 << 56));
+        assert_eq!(u64_at(72), 5 << 56);
+        assert_eq!(p.len(), 64 + 64 + 2 * 64);
+        assert_eq!(&p[128..192], &page(3)[..]);
+        assert_eq!(&p[192..256], &page(7)[..]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
