@@ -3,7 +3,8 @@
 //!
 //! In CMD, `{kernel}`, `{cmdline}`, `{mem_mib}` and `{name}` are replaced by
 //! the probe path, the probe command line of the profile, its memory size
-//! and a per-boot name. CMD runs under `sh -c "exec CMD"`; its stdout must be
+//! and a per-boot name; `{initrd}` by the profile's memory image (a profile
+//! with an image needs it, e.g. `-initrd {initrd}`). CMD runs under `sh -c "exec CMD"`; its stdout must be
 //! the guest's serial console; "ready" is the first line containing
 //! `--ready-pattern` (default `PROBE READY`; another VMM may boot another
 //! guest, e.g. a Linux kernel with the pattern of its last boot line). The
@@ -31,7 +32,7 @@ pub struct CompareArgs {
     pub vmm: VmmArgs,
     #[command(flatten)]
     pub out: OutArgs,
-    /// The other VMM's command line (placeholders: {kernel} {cmdline} {mem_mib} {name}).
+    /// The other VMM's command line (placeholders: {kernel} {cmdline} {mem_mib} {name} {initrd}).
     #[arg(long = "with")]
     pub with: String,
     /// A short name for the other VMM in tables and plots.
@@ -84,11 +85,22 @@ pub fn run(args: CompareArgs) -> Result<()> {
         bail!("--ready-pattern must not be empty");
     }
     let profile = args.vmm.profiles()?.get(&args.profile)?.clone();
+    if profile.image.is_some() && !args.with.contains("{initrd}") {
+        bail!(
+            "profile {} replays a memory image: --with must pass it to the guest as its initrd \
+             ({{initrd}})",
+            profile.name
+        );
+    }
     let runtime = RuntimeDir::create("compare")?;
     let mine = boot::ksmvm_target(&args.vmm, &runtime, &profile)?;
     let template = args.with.clone();
     let probe = args.vmm.probe.display().to_string();
     let prof = profile.clone();
+    let initrd = profile
+        .image
+        .as_ref()
+        .map_or(String::new(), |p| sh_quote(&p.display().to_string()));
     let shown = template.clone();
     let other = BootTarget {
         label: args.label.clone(),
@@ -102,6 +114,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
                     ("cmdline", &sh_quote(&prof.cmdline(i))),
                     ("mem_mib", &prof.mem_mib.to_string()),
                     ("name", &name),
+                    ("initrd", &initrd),
                 ],
             );
             let mut c = Command::new("sh");

@@ -61,9 +61,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
         );
     }
     println!(
-        "ksmvm KSM density demo: {n} probe guests of {} MiB (profile {}: {} MiB identical in every guest, \
-         {} MiB unique, {} MiB zero)",
-        profile.mem_mib, profile.name, profile.shared_mib, profile.unique_mib, profile.zero_mib
+        "ksmvm KSM density demo: {n} probe guests of {} MiB (profile {}: {}; shared is identical \
+         in every guest)",
+        profile.mem_mib,
+        profile.name,
+        profile.split_text()
     );
 
     // Dropped in reverse order: guests stop first, then KSM is restored,

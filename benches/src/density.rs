@@ -22,7 +22,7 @@ use crate::machine::Machine;
 use crate::monitor::{HostSample, MemoryFloor, Monitor, VmSample};
 use crate::output::ResultsDir;
 use crate::plot::{self, Chart, Series, Style};
-use crate::profile::Profile;
+use crate::profile::{mib_text, Profile};
 use crate::runtime::RuntimeDir;
 use crate::table::{f1, opt1, Table};
 
@@ -192,15 +192,16 @@ pub fn run(args: DensityArgs) -> Result<()> {
     };
     let mut results = ResultsDir::create(&args.out.results, "density")?;
     println!(
-        "density: profile {} ({} MiB guests: {} shared, {} unique, {} zero MiB), instances {:?}{}, \
+        "density: profile {} ({} MiB guests: {}), instances {:?}{}, \
          safety margin {:.0} MiB; results in {}",
         profile.name,
         profile.mem_mib,
-        profile.shared_mib,
-        profile.unique_mib,
-        profile.zero_mib,
+        profile.split_text(),
         plan.targets,
-        budget.map_or(String::new(), |b| format!(", budget {:.1} GiB", b as f64 / GIB as f64)),
+        budget.map_or(String::new(), |b| format!(
+            ", budget {:.1} GiB",
+            b as f64 / GIB as f64
+        )),
         mib(margin),
         results.path().display()
     );
@@ -523,7 +524,8 @@ fn write_plots(results: &mut ResultsDir, p: &Profile, runs: &[ModeRun]) -> Resul
     series.push(Series::new(
         format!(
             "ideal with KSM: S + N*U = {} + N*{} MiB",
-            p.shared_mib, p.unique_mib
+            mib_text(p.shared_pages()),
+            mib_text(p.unique_pages())
         ),
         ideal(&|n| p.ideal_with_ksm(n)),
         Style::Dashed,

@@ -45,6 +45,8 @@ pub struct GuestSpec {
     pub cmdline: String,
     /// MADV_MERGEABLE on guest RAM (`ksmvm run --ksm on|off`).
     pub ksm: bool,
+    /// `ksmvm run --initrd`: the profile's memory image.
+    pub initrd: Option<PathBuf>,
 }
 
 impl GuestSpec {
@@ -56,6 +58,7 @@ impl GuestSpec {
             mem_mib: profile.mem_mib,
             cmdline: profile.cmdline(seed),
             ksm,
+            initrd: profile.image.clone(),
         }
     }
 }
@@ -70,6 +73,9 @@ impl Launcher {
             .args(["--cmdline", &spec.cmdline])
             .args(["--name", &spec.name])
             .args(["--serial", "stdout"]);
+        if let Some(initrd) = &spec.initrd {
+            cmd.arg("--initrd").arg(initrd);
+        }
         // Binaries whose --ksm is a flag always mark guest RAM mergeable;
         // their "KSM off" runs rely on ksmd being stopped instead.
         if self.caps.ksm_value {

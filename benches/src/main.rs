@@ -85,14 +85,25 @@ fn main() -> ExitCode {
 
 fn list_profiles(a: &common::VmmArgs) -> anyhow::Result<()> {
     let profiles = a.profiles()?;
-    let mut t = table::Table::new(["profile", "RAM", "shared", "unique", "zero", "description"]);
+    let mut t = table::Table::new([
+        "profile",
+        "RAM",
+        "shared",
+        "unique",
+        "zero",
+        "image",
+        "description",
+    ]);
     for p in profiles.iter() {
         t.row([
             p.name.clone(),
             p.mem_mib.to_string(),
-            p.shared_mib.to_string(),
-            p.unique_mib.to_string(),
-            p.zero_mib.to_string(),
+            profile::mib_text(p.shared_pages()),
+            profile::mib_text(p.unique_pages()),
+            profile::mib_text(p.zero_pages()),
+            p.image
+                .as_ref()
+                .map_or("-".into(), |i| i.display().to_string()),
             p.description.clone(),
         ]);
     }

@@ -462,3 +462,10 @@ pub fn send_frame(fd: &std::os::fd::OwnedFd, frame: &[u8]) {
         std::io::Error::last_os_error()
     );
 }
+
+/// Writes `pack` (a `KSMVMRAM` memory image with known content) to `path`.
+pub fn write_pack(path: &Path, pack: &probe_pattern::pack::SyntheticPack) {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create pack"));
+    pack.write(|bytes| out.write_all(bytes).expect("write pack"));
+    out.flush().expect("write pack");
+}

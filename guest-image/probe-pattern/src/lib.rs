@@ -13,6 +13,8 @@
 
 #![no_std]
 
+pub mod pack;
+
 /// Domain of the shared region (content keyed by `probe.profile`).
 pub const DOMAIN_SHARED: u64 = 1;
 /// Domain of the unique region (content keyed by `probe.seed`).
@@ -22,6 +24,8 @@ pub const DOMAIN_UNIQUE: u64 = 2;
 pub const DOMAIN_BLOCK: u64 = 3;
 /// Domain of virtio-net payloads (the probe's `net-send`).
 pub const DOMAIN_NET: u64 = 4;
+/// Domain of the pages of [`pack::SyntheticPack`] (test memory images).
+pub const DOMAIN_IMAGE: u64 = 5;
 /// Bytes in a disk sector.
 pub const SECTOR_SIZE: usize = 512;
 /// 64-bit words in a sector.

@@ -6,7 +6,11 @@ pub const E820_MAX: usize = 128;
 /// e820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
 
+const BP_EXT_RAMDISK_IMAGE: u64 = 0x0c0;
+const BP_EXT_RAMDISK_SIZE: u64 = 0x0c4;
 const BP_EXT_CMD_LINE_PTR: u64 = 0x0c8;
+const BP_RAMDISK_IMAGE: u64 = 0x218;
+const BP_RAMDISK_SIZE: u64 = 0x21c;
 const BP_E820_ENTRIES: u64 = 0x1e8;
 const BP_CMD_LINE_PTR: u64 = 0x228;
 const BP_E820_TABLE: u64 = 0x2d0;
@@ -88,6 +92,20 @@ pub unsafe fn cmdline(bp: u64) -> &'static [u8] {
             len += 1;
         }
         core::slice::from_raw_parts(ptr as *const u8, len)
+    }
+}
+
+/// The initrd the VMM loaded: (address, bytes); size 0 if there is none.
+///
+/// # Safety
+/// `bp` must point at a mapped boot_params.
+pub unsafe fn ramdisk(bp: u64) -> (u64, u64) {
+    // SAFETY: boot_params is mapped (caller); all four fields lie in it.
+    unsafe {
+        let lo = |at| u64::from(read::<u32>(bp + at));
+        let addr = lo(BP_RAMDISK_IMAGE) | lo(BP_EXT_RAMDISK_IMAGE) << 32;
+        let size = lo(BP_RAMDISK_SIZE) | lo(BP_EXT_RAMDISK_SIZE) << 32;
+        (addr, size)
     }
 }
 

@@ -11,6 +11,7 @@ mod blk;
 mod boot;
 mod devices;
 mod entry;
+mod image;
 mod io;
 mod mem;
 mod net;
@@ -25,6 +26,7 @@ use balloon::MemInfo;
 use boot::E820_RAM;
 use core::sync::atomic::{AtomicBool, Ordering};
 use devices::Devices;
+use image::Image;
 use io::{put_bytes, put_dec, put_hex, put_hex16, put_str};
 use params::{Fault, Then};
 use probe_pattern::{DOMAIN_SHARED, DOMAIN_UNIQUE};
@@ -53,6 +55,8 @@ struct Workload {
     /// Pages at the end of the unique+zero regions reported free
     /// (`free-report`), counted from the end of the zero region down.
     reported_pages: u64,
+    /// The replayed memory image (`probe.image=initrd`).
+    image: Option<Image>,
 }
 
 impl Workload {
@@ -157,7 +161,14 @@ extern "C" fn probe_main(bp: u64, cpuid_ext_edx: u32) -> ! {
     }
     let mut devs = Devices::init(&windows, &mut arena);
 
-    let pool = Pool::new(&e820, arena_end.next_multiple_of(REGION_ALIGN), limit);
+    // SAFETY: boot_params is still mapped (the first 2 MiB always are).
+    let initrd = unsafe { boot::ramdisk(bp) };
+    let image = params
+        .image
+        .then(|| Image::load(&e820, initrd, arena_end, limit, params.seed));
+    // The initrd (a pack or not) is never part of the pool.
+    let hole = (initrd.0, initrd.0.saturating_add(initrd.1));
+    let pool = Pool::new(&e820, arena_end.next_multiple_of(REGION_ALIGN), limit, hole);
     let mib = [params.shared_mib, params.unique_mib, params.zero_mib];
     let needed_mib = mib.iter().try_fold(0u64, |acc, &m| acc.checked_add(m));
     let available_mib = pool.pages() / PAGES_PER_MIB;
@@ -183,9 +194,15 @@ extern "C" fn probe_main(bp: u64, cpuid_ext_edx: u32) -> ! {
         first: shared.first + shared.pages,
         pages: params.unique_mib * PAGES_PER_MIB,
     };
+    let zero_first = unique.first + unique.pages;
+    let zero_mib_pages = params.zero_mib * PAGES_PER_MIB;
+    // The image's zero pages follow probe.zero's in the zero region, as many
+    // as the pool still holds.
+    let image_zero_wanted = image.as_ref().map_or(0, |i| i.header().zero_pages);
+    let image_zero = image_zero_wanted.min(pool.pages() - zero_first - zero_mib_pages);
     let zero = Region {
-        first: unique.first + unique.pages,
-        pages: params.zero_mib * PAGES_PER_MIB,
+        first: zero_first,
+        pages: zero_mib_pages + image_zero,
     };
     put_str("PROBE FILL shared_mib=");
     put_dec(params.shared_mib);
@@ -202,6 +219,24 @@ extern "C" fn probe_main(bp: u64, cpuid_ext_edx: u32) -> ! {
     put_str(" unique=");
     put_hex16(unique_sum);
     putc_nl();
+    if let Some(img) = &image {
+        let h = img.header();
+        put_str("PROBE IMAGE pages=");
+        put_dec(h.pages);
+        put_str(" shared=");
+        put_dec(h.shared);
+        put_str(" unique=");
+        put_dec(h.unique());
+        put_str(" zero=");
+        put_dec(image_zero);
+        if image_zero < image_zero_wanted {
+            put_str(" zero_wanted=");
+            put_dec(image_zero_wanted);
+        }
+        put_str(" checksum=");
+        put_hex16(img.checksum());
+        putc_nl();
+    }
 
     let ram_bytes = e820
         .iter()
@@ -217,6 +252,7 @@ extern "C" fn probe_main(bp: u64, cpuid_ext_edx: u32) -> ! {
         seed: params.seed,
         ram_bytes,
         reported_pages: 0,
+        image,
     };
     if params.then == Then::PowerOff {
         put_str("PROBE READY\n");
@@ -289,7 +325,8 @@ fn run_command(work: &mut Workload, devs: &mut Devices, cmd: &[u8]) {
             put_hex16(shared_sum);
             put_str(" unique=");
             put_hex16(unique_sum);
-            put_str(if shared_ok && unique_ok {
+            let image_ok = work.image.as_ref().map(Image::verify);
+            put_str(if shared_ok && unique_ok && image_ok != Some(false) {
                 " result=ok"
             } else {
                 " result=mismatch"
@@ -297,6 +334,11 @@ fn run_command(work: &mut Workload, devs: &mut Devices, cmd: &[u8]) {
             if skipped > 0 {
                 put_str(" skipped_pages=");
                 put_dec(skipped);
+            }
+            match image_ok {
+                Some(true) => put_str(" image=ok"),
+                Some(false) => put_str(" image=mismatch"),
+                None => {}
             }
             putc_nl();
         }

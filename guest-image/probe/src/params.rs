@@ -27,6 +27,8 @@ pub struct Params {
     pub seed: u64,
     pub then: Then,
     pub fault: Option<Fault>,
+    /// `probe.image=initrd`: replay the `KSMVMRAM` pack loaded as the initrd.
+    pub image: bool,
 }
 
 /// A parameter with a value it does not accept.
@@ -63,6 +65,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, BadValue<'_>> {
         seed: 0,
         then: Then::Idle,
         fault: None,
+        image: false,
     };
     for word in cmdline.split(|c| c.is_ascii_whitespace()) {
         let Some(eq) = word.iter().position(|&c| c == b'=') else {
@@ -81,6 +84,13 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, BadValue<'_>> {
                 p.then = match value {
                     b"idle" => Then::Idle,
                     b"poweroff" => Then::PowerOff,
+                    _ => return Err(bad),
+                }
+            }
+            b"probe.image" => {
+                p.image = match value {
+                    b"initrd" => true,
+                    b"none" => false,
                     _ => return Err(bad),
                 }
             }

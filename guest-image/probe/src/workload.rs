@@ -20,28 +20,43 @@ pub struct Region {
 
 impl Pool {
     /// The e820 RAM at or above `start` and below `limit`, minus the MMIO
-    /// gap, shrunk to whole pages and sorted by address.
-    pub fn new(e820: &E820, start: u64, limit: u64) -> Pool {
+    /// gap and `hole` (start, end: the initrd; empty if start == end),
+    /// shrunk to whole pages and sorted by address.
+    pub fn new(e820: &E820, start: u64, limit: u64, hole: (u64, u64)) -> Pool {
         let mut pool = Pool {
             ranges: [(0, 0); E820_MAX],
             count: 0,
         };
+        // The hole, rounded out to whole pages.
+        let hole = (
+            hole.0 & !(PAGE_SIZE - 1),
+            hole.1.saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1),
+        );
         for e in e820.iter().filter(|e| e.kind == E820_RAM) {
             let end = e.addr.saturating_add(e.size).min(limit);
             let begin = e.addr.max(start);
-            // Cut out the MMIO gap should the map overlap it.
+            // Cut out the MMIO gap (should the map overlap it) and the hole:
+            // at most three pieces are left.
+            let mut pieces = [(0u64, 0u64); 4];
+            let mut n = 0;
             for (b, en) in [
                 (begin, end.min(MMIO_GAP_START)),
                 (begin.max(MMIO_GAP_END), end),
             ] {
-                let b = b.next_multiple_of(PAGE_SIZE);
-                let en = en & !(PAGE_SIZE - 1);
-                if b < en {
-                    pool.ranges[pool.count] = (b, en);
-                    pool.count += 1;
+                for (b, en) in [(b, en.min(hole.0)), (b.max(hole.1), en)] {
+                    let b = b.next_multiple_of(PAGE_SIZE);
+                    let en = en & !(PAGE_SIZE - 1);
+                    if b < en {
+                        pieces[n] = (b, en);
+                        n += 1;
+                    }
                 }
             }
-            if pool.count + 2 > E820_MAX {
+            for &piece in &pieces[..n] {
+                pool.ranges[pool.count] = piece;
+                pool.count += 1;
+            }
+            if pool.count + pieces.len() > E820_MAX {
                 break;
             }
         }
