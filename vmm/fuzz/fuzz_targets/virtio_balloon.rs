@@ -206,9 +206,13 @@ impl Bal<'_> {
         let mut reported = 0u64;
         let mut invalid_reports = 0u64;
         let mut dropped: Vec<(u64, u64)> = Vec::new();
+        // Pages given up by an inflate chain that it or a later chain
+        // still reads its PFN list from.
+        let mut clobbers = false;
         let mut stats_expect = None;
         let mut expected: Vec<(u16, Option<u64>)> = Vec::new();
-        for w in &chains {
+        for (i, w) in chains.iter().enumerate() {
+            let first_dropped = dropped.len();
             match role {
                 Role::Inflate | Role::Deflate => {
                     match w.chain.clone().reader(mem) {
@@ -251,6 +255,7 @@ impl Bal<'_> {
                     expected.push((w.info.head, Some(0)));
                 }
                 Role::Stats => {
+                    // The held buffer goes back first.
                     if let Some(old) = self.held.take() {
                         expected.push((old, Some(0)));
                     }
@@ -262,17 +267,17 @@ impl Bal<'_> {
                     }
                 }
             }
+            clobbers |= dropped[first_dropped..].iter().any(|&(a, l)| {
+                chains[i..]
+                    .iter()
+                    .any(|w| w.info.readable().any(|(b, m)| overlaps(a, l, b, m)))
+            });
         }
         let expected: Vec<(u16, Option<u64>)> =
             expected.into_iter().filter(|e| e.0 < size).collect();
         // Pages the guest gives up that hold its rings, or the PFN lists of
         // later chains in this batch: the rest is unpredictable.
         let hits_rings = dropped.iter().any(|&(a, l)| in_rings(a, l));
-        let clobbers = dropped.iter().any(|&(a, l)| {
-            chains
-                .iter()
-                .any(|w| w.info.readable().any(|(b, m)| overlaps(a, l, b, m)))
-        });
         drop(chains);
         self.d.h.kick(q);
         if self.d.chaos || self.relaxed || hits_rings {
@@ -452,7 +457,8 @@ fuzz_target!(|input: Input| {
     let sizes: Vec<u16> = (0..roles.len())
         .map(|i| queue_size(input.sizes[i], 128))
         .collect();
-    let d = Driver::new(h, &mem, features, &sizes, input.chaos);
+    let mut d = Driver::new(h, &mem, features, &sizes, input.chaos);
+    d.readable_outside_rings = true;
     let mut b = Bal {
         d,
         handle,

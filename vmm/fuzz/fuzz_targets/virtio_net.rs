@@ -388,7 +388,8 @@ fuzz_target!(|input: Input| {
     let mem = guest_memory();
     let h = Harness::with_mem(net, mem.clone());
     let sizes = [queue_size(input.rx_size, 256), queue_size(input.tx_size, 256)];
-    let d = Driver::new(h, &mem, input.features, &sizes, input.chaos);
+    let mut d = Driver::new(h, &mem, input.features, &sizes, input.chaos);
+    d.readable_outside_rings = true;
     let mut n = Net2 {
         d,
         peer,

@@ -383,6 +383,10 @@ pub struct Driver<'m> {
     pub mem: &'m GuestMemoryMmap,
     pub queues: Vec<DriverQueue<'m>>,
     pub chaos: bool,
+    /// Keep readable buffers out of the rings too (unless chaos): for
+    /// devices whose behaviour depends on what they read (TX frames, PFN
+    /// lists), since the device itself writes the used ring while it works.
+    pub readable_outside_rings: bool,
     pub features: u64,
     sizes: Vec<u16>,
 }
@@ -414,6 +418,7 @@ impl<'m> Driver<'m> {
             mem,
             queues,
             chaos,
+            readable_outside_rings: false,
             features,
             sizes: sizes.to_vec(),
         }
@@ -446,10 +451,12 @@ impl<'m> Driver<'m> {
         self.h.activate(self.features, &refs);
     }
 
-    /// A writable buffer that would reach the rings goes to the data area
-    /// (shortened if it would still run into them).
+    /// A writable buffer (or any, see `readable_outside_rings`) that would
+    /// reach the rings goes to the data area (shortened if it would still
+    /// run into them).
     fn place(&self, addr: u64, len: u32, write: bool) -> (u64, u32) {
-        if !write || self.chaos || !in_rings(addr, u64::from(len)) {
+        let protect = write || self.readable_outside_rings;
+        if !protect || self.chaos || !in_rings(addr, u64::from(len)) {
             return (addr, len);
         }
         let addr = DATA0 + addr % DATA_LEN;
