@@ -66,7 +66,10 @@ impl Pfn {
 enum BalContent {
     /// A PFN list; consecutive runs are likely.
     Pfns(Vec<Pfn>),
-    Run { first: Pfn, count: u8 },
+    Run {
+        first: Pfn,
+        count: u8,
+    },
     /// Statistics entries (tag, value).
     Stats(Vec<(u8, u64)>),
     Bytes(Vec<u8>),
@@ -99,7 +102,11 @@ enum Op {
     StatsTick,
     /// The API set a target (MiB); the event wakes the device.
     Target(u8),
-    ConfigWrite { offset: u8, value: u32, width: u8 },
+    ConfigWrite {
+        offset: u8,
+        value: u32,
+        width: u8,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -192,7 +199,10 @@ impl Bal<'_> {
             Submitted::Corrupt => {
                 self.d.h.kick(q);
                 if !self.d.chaos && !self.relaxed {
-                    assert!(!self.d.is_active() && self.d.needs_reset(), "corrupt ring: still active");
+                    assert!(
+                        !self.d.is_active() && self.d.needs_reset(),
+                        "corrupt ring: still active"
+                    );
                     assert!(self.d.used_since(q, used_before).is_empty());
                 }
                 self.reset();
@@ -289,7 +299,10 @@ impl Bal<'_> {
         }
         assert!(self.d.is_active(), "device stopped without a corrupt ring");
         let used = self.d.check_used(q, used_before, &expected);
-        assert!(used.iter().all(|u| u.1 == 0), "balloon chain returned with a length");
+        assert!(
+            used.iter().all(|u| u.1 == 0),
+            "balloon chain returned with a length"
+        );
         let after = self.counters();
         let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
         if !clobbers {
@@ -303,10 +316,14 @@ impl Bal<'_> {
         assert_eq!(delta[3], reported, "reported bytes");
         assert_eq!(delta[4], invalid_reports, "invalid reports");
         if role == Role::Stats {
-            let updates = self.handle.counters().stats_updates.load(Ordering::Relaxed) - stats_before;
+            let updates =
+                self.handle.counters().stats_updates.load(Ordering::Relaxed) - stats_before;
             if let Some((free, total)) = stats_expect {
                 assert!(updates > 0);
-                let s = self.handle.stats().expect("statistics after a stats buffer");
+                let s = self
+                    .handle
+                    .stats()
+                    .expect("statistics after a stats buffer");
                 assert_eq!((s.free_memory, s.total_memory), (free, total), "statistics");
             }
         }
@@ -333,8 +350,13 @@ impl Bal<'_> {
             return;
         }
         let size = self.d.queues[q].gq.size;
-        let expected: Vec<(u16, Option<u64>)> =
-            self.held.take().filter(|&h| h < size).map(|h| (h, Some(0))).into_iter().collect();
+        let expected: Vec<(u16, Option<u64>)> = self
+            .held
+            .take()
+            .filter(|&h| h < size)
+            .map(|h| (h, Some(0)))
+            .into_iter()
+            .collect();
         self.d.check_used(q, before, &expected);
     }
 
@@ -353,14 +375,20 @@ impl Bal<'_> {
         let before = self.handle.actual_pages();
         let bytes = u64::from(value).to_le_bytes();
         use ksmvm::devices::bus::BusDevice;
-        self.d.h.transport.write(REG_CONFIG + offset, &bytes[..width]);
+        self.d
+            .h
+            .transport
+            .write(REG_CONFIG + offset, &bytes[..width]);
         let after = self.handle.actual_pages();
         if offset == 4 && width == 4 {
             assert_eq!(after, value, "actual not taken");
             let cfg = u32::from_le_bytes(self.d.h.config(4, 4).try_into().unwrap());
             assert_eq!(cfg, value);
         } else {
-            assert_eq!(after, before, "config write at {offset} width {width} changed actual");
+            assert_eq!(
+                after, before,
+                "config write at {offset} width {width} changed actual"
+            );
         }
     }
 
@@ -400,7 +428,10 @@ impl Bal<'_> {
             content,
         };
         self.one(Role::Inflate, vec![list(pfns())]);
-        assert!(all_zero(mem, DATA0 + 3 * PAGE, 3 * PAGE), "inflated pages not dropped");
+        assert!(
+            all_zero(mem, DATA0 + 3 * PAGE, 3 * PAGE),
+            "inflated pages not dropped"
+        );
         self.one(Role::Deflate, vec![list(pfns())]);
         let after = self.counters();
         assert_eq!((after[0] - before[0], after[1] - before[1]), (3, 3));

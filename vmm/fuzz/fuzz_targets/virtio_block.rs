@@ -179,8 +179,15 @@ fn request(d: &mut Driver<'_>, descs: [ksmvm::devices::virtio::test_util::Desc; 
     let head = gq.add(&descs);
     d.h.kick(0);
     let gq = &d.queues[0].gq;
-    assert!(d.h.transport.is_active(), "device stopped on a well-formed request");
-    assert_eq!(gq.used_idx(), before.wrapping_add(1), "well-formed request not returned");
+    assert!(
+        d.h.transport.is_active(),
+        "device stopped on a well-formed request"
+    );
+    assert_eq!(
+        gq.used_idx(),
+        before.wrapping_add(1),
+        "well-formed request not returned"
+    );
     let (id, len) = gq.last_used();
     assert_eq!(id, u32::from(head));
     len
@@ -198,21 +205,35 @@ fn well_formed(d: &mut Driver<'_>, ro: bool, round: u8) {
     let len = request(d, [r(HDR, out.len() as u32), w(STATUS, 1)]);
     assert_eq!(len, 1);
     let st: u8 = d.mem.read_obj(GuestAddress(STATUS)).unwrap();
-    let want = if ro { VIRTIO_BLK_S_IOERR } else { VIRTIO_BLK_S_OK };
+    let want = if ro {
+        VIRTIO_BLK_S_IOERR
+    } else {
+        VIRTIO_BLK_S_OK
+    };
     assert_eq!(u32::from(st), want, "well-formed write answered {st}");
     if !ro {
-        assert_eq!(disk_read(sector * 512, 1024), data, "write did not reach the image");
+        assert_eq!(
+            disk_read(sector * 512, 1024),
+            data,
+            "write did not reach the image"
+        );
     }
 
     d.mem
         .write_slice(&header(VIRTIO_BLK_T_IN, sector), GuestAddress(HDR))
         .unwrap();
-    d.mem.write_slice(&[0xeeu8; 1025], GuestAddress(BUF)).unwrap();
+    d.mem
+        .write_slice(&[0xeeu8; 1025], GuestAddress(BUF))
+        .unwrap();
     let len = request(d, [r(HDR, 16), w(BUF, 1025)]);
     assert_eq!(len, 1025);
     let mut got = vec![0u8; 1025];
     d.mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
-    assert_eq!(u32::from(got[1024]), VIRTIO_BLK_S_OK, "well-formed read failed");
+    assert_eq!(
+        u32::from(got[1024]),
+        VIRTIO_BLK_S_OK,
+        "well-formed read failed"
+    );
     assert_eq!(&got[..1024], disk_read(sector * 512, 1024).as_slice());
 }
 
@@ -245,8 +266,14 @@ fuzz_target!(|input: Input| {
         }
         let chains = match sub {
             Submitted::Corrupt => {
-                assert!(!d.is_active() && d.needs_reset(), "corrupt ring: device still active");
-                assert!(d.used_since(q, used_before).is_empty(), "served a corrupt ring");
+                assert!(
+                    !d.is_active() && d.needs_reset(),
+                    "corrupt ring: device still active"
+                );
+                assert!(
+                    d.used_since(q, used_before).is_empty(),
+                    "served a corrupt ring"
+                );
                 d.reset_and_reactivate();
                 continue;
             }

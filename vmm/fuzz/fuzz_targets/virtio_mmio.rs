@@ -71,14 +71,27 @@ impl Reg {
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Write { reg: Reg, value: u64, width: u8 },
-    Read { reg: Reg, width: u8 },
+    Write {
+        reg: Reg,
+        value: u64,
+        width: u8,
+    },
+    Read {
+        reg: Reg,
+        width: u8,
+    },
     /// Status written with these bits (the usual way to the states).
     Status(u8),
     /// Points the selected queue at ring slot `slot` (size 16), enables it.
-    PointQueue { slot: u8 },
+    PointQueue {
+        slot: u8,
+    },
     /// Adds `n` chains of one writable buffer to ring slot `slot`.
-    Push { slot: u8, n: u8, len: u16 },
+    Push {
+        slot: u8,
+        n: u8,
+        len: u16,
+    },
     /// The event loop serves queue `q`.
     Process(u8),
     /// The event loop handles device event source `s`.
@@ -132,7 +145,8 @@ fuzz_target!(|input: Input| {
         match op {
             Op::Write { reg, value, width } => {
                 let width = [1usize, 2, 4, 8, 3][usize::from(*width) % 5];
-                h.transport.write(reg.offset(), &value.to_le_bytes()[..width]);
+                h.transport
+                    .write(reg.offset(), &value.to_le_bytes()[..width]);
             }
             Op::Read { reg, width } => {
                 let width = [1usize, 2, 4, 8, 3][usize::from(*width) % 5];

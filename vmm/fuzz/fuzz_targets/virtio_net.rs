@@ -124,7 +124,8 @@ impl Net2<'_> {
         let (q, sub) = self.d.submit(&b);
         let used_before = self.d.queues[q].gq.used_idx();
         let c = &self.counters;
-        let before = [&c.tx_frames, &c.tx_errors, &c.tx_malformed].map(|a| a.load(Ordering::Relaxed));
+        let before =
+            [&c.tx_frames, &c.tx_errors, &c.tx_malformed].map(|a| a.load(Ordering::Relaxed));
         let snap = (!self.d.chaos).then(|| Snapshot::take(self.d.mem));
         // What a well-formed chain sends: its readable bytes.
         let expected: Vec<Vec<u8>> = match &sub {
@@ -154,7 +155,10 @@ impl Net2<'_> {
         }
         let chains = match sub {
             Submitted::Corrupt => {
-                assert!(!self.d.is_active() && self.d.needs_reset(), "corrupt TX ring: still active");
+                assert!(
+                    !self.d.is_active() && self.d.needs_reset(),
+                    "corrupt TX ring: still active"
+                );
                 assert!(got.is_empty(), "frames sent from a corrupt ring");
                 self.reset();
                 return;
@@ -162,13 +166,31 @@ impl Net2<'_> {
             Submitted::Chains(c) => c,
         };
         assert!(self.d.is_active(), "device stopped without a corrupt ring");
-        let used = self.d.check_used(q, used_before, &all_returned(&chains, self.d.queues[q].gq.size));
-        assert!(used.iter().all(|u| u.1 == 0), "TX chain returned with a length: {used:?}");
-        assert!(subsequence(&got, &expected), "backend got frames that were not sent");
-        assert!(expected.is_empty() || !got.is_empty(), "no frame reached the backend");
-        let after = [&c.tx_frames, &c.tx_errors, &c.tx_malformed].map(|a| a.load(Ordering::Relaxed));
+        let used = self.d.check_used(
+            q,
+            used_before,
+            &all_returned(&chains, self.d.queues[q].gq.size),
+        );
+        assert!(
+            used.iter().all(|u| u.1 == 0),
+            "TX chain returned with a length: {used:?}"
+        );
+        assert!(
+            subsequence(&got, &expected),
+            "backend got frames that were not sent"
+        );
+        assert!(
+            expected.is_empty() || !got.is_empty(),
+            "no frame reached the backend"
+        );
+        let after =
+            [&c.tx_frames, &c.tx_errors, &c.tx_malformed].map(|a| a.load(Ordering::Relaxed));
         assert_eq!(after[0] - before[0], got.len() as u64, "tx_frames");
-        assert_eq!(after[1] - before[1], (expected.len() - got.len()) as u64, "tx_errors");
+        assert_eq!(
+            after[1] - before[1],
+            (expected.len() - got.len()) as u64,
+            "tx_errors"
+        );
         assert_eq!(
             after[2] - before[2],
             (chains.len() - expected.len()) as u64,
@@ -236,7 +258,10 @@ impl Net2<'_> {
         let chains = match sub {
             Submitted::Corrupt => {
                 // The device looks at the ring only when it has a frame.
-                assert!(!self.d.is_active() && self.d.needs_reset(), "corrupt RX ring: still active");
+                assert!(
+                    !self.d.is_active() && self.d.needs_reset(),
+                    "corrupt RX ring: still active"
+                );
                 self.reset();
                 return;
             }
@@ -286,7 +311,15 @@ impl Net2<'_> {
         }
         let bounds: Vec<(u16, Option<u64>)> = expected
             .iter()
-            .map(|&(h, _)| (h, chains.iter().find(|w| w.info.head == h).map(|w| w.info.writable_bytes)))
+            .map(|&(h, _)| {
+                (
+                    h,
+                    chains
+                        .iter()
+                        .find(|w| w.info.head == h)
+                        .map(|w| w.info.writable_bytes),
+                )
+            })
             .collect();
         let used = self.d.check_used(q, used_before, &bounds);
         let lens: Vec<u32> = used.iter().map(|u| u.1).collect();
@@ -300,7 +333,11 @@ impl Net2<'_> {
         for (w, f) in &delivered {
             let mine: Vec<(u64, u64)> = w.info.writable().collect();
             let shared = mine.iter().any(|&(a, l)| {
-                ranges.iter().filter(|&&(b, m)| overlaps(a, l, b, m)).count() > 1
+                ranges
+                    .iter()
+                    .filter(|&&(b, m)| overlaps(a, l, b, m))
+                    .count()
+                    > 1
             });
             if shared {
                 continue;
@@ -337,8 +374,18 @@ impl Net2<'_> {
             queue: TX as u8,
             writes: vec![],
             chains: vec![ChainSpec::Direct(vec![
-                DescSpec { addr: Addr::Data0(0x3_0000), len: Len::Word(20), write: false, content: None },
-                DescSpec { addr: Addr::Data0(0x3_0014), len: Len::Word(52), write: false, content: None },
+                DescSpec {
+                    addr: Addr::Data0(0x3_0000),
+                    len: Len::Word(20),
+                    write: false,
+                    content: None,
+                },
+                DescSpec {
+                    addr: Addr::Data0(0x3_0014),
+                    len: Len::Word(52),
+                    write: false,
+                    content: None,
+                },
             ])],
             avail_skew: None,
         };
@@ -346,7 +393,10 @@ impl Net2<'_> {
         let sent_before = self.counters.tx_frames.load(Ordering::Relaxed);
         // tx() checks that the peer got exactly these 72 bytes.
         self.tx(&tx);
-        assert_eq!(self.counters.tx_frames.load(Ordering::Relaxed), sent_before + 1);
+        assert_eq!(
+            self.counters.tx_frames.load(Ordering::Relaxed),
+            sent_before + 1
+        );
 
         // One buffer per round (a queue may hold only two descriptors):
         // the first may meet the frame the device holds, then the marker.
@@ -354,8 +404,18 @@ impl Net2<'_> {
             queue: RX as u8,
             writes: vec![],
             chains: vec![ChainSpec::Direct(vec![
-                DescSpec { addr: Addr::Data1(0x3_1000), len: Len::Word(12), write: true, content: None },
-                DescSpec { addr: Addr::Data1(0x3_2000), len: Len::Word(4096), write: true, content: None },
+                DescSpec {
+                    addr: Addr::Data1(0x3_1000),
+                    len: Len::Word(12),
+                    write: true,
+                    content: None,
+                },
+                DescSpec {
+                    addr: Addr::Data1(0x3_2000),
+                    len: Len::Word(4096),
+                    write: true,
+                    content: None,
+                },
             ])],
             avail_skew: None,
         };
@@ -363,7 +423,7 @@ impl Net2<'_> {
         drain(&mut self.ours);
         self.fifo.truncate(1);
         let frames_before = self.counters.rx_frames.load(Ordering::Relaxed);
-        self.rx(&rx, &[Frame::Sized(100, round)], round % 2 == 0);
+        self.rx(&rx, &[Frame::Sized(100, round)], round.is_multiple_of(2));
         if !self.fifo.is_empty() {
             self.rx(&rx, &[], round % 2 == 1);
         }
@@ -387,7 +447,10 @@ fuzz_target!(|input: Input| {
     let counters = net.counters();
     let mem = guest_memory();
     let h = Harness::with_mem(net, mem.clone());
-    let sizes = [queue_size(input.rx_size, 256), queue_size(input.tx_size, 256)];
+    let sizes = [
+        queue_size(input.rx_size, 256),
+        queue_size(input.tx_size, 256),
+    ];
     let mut d = Driver::new(h, &mem, input.features, &sizes, input.chaos);
     d.readable_outside_rings = true;
     let mut n = Net2 {

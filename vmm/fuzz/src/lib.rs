@@ -92,7 +92,9 @@ pub fn guest_memory() -> Arc<GuestMemoryMmap> {
 
 /// Zeroes `[addr, addr + len)`, which must lie in one region.
 pub fn zero(mem: &GuestMemoryMmap, addr: u64, len: u64) {
-    assert!(REGIONS.iter().any(|&(a, l)| addr >= a && addr + len <= a + l));
+    assert!(REGIONS
+        .iter()
+        .any(|&(a, l)| addr >= a && addr + len <= a + l));
     let p = mem.get_host_address(GuestAddress(addr)).unwrap();
     // SAFETY: the range lies inside one mapped region (checked above), and
     // the single-threaded harness is the only one touching guest memory.
@@ -105,8 +107,8 @@ pub fn overlaps(a: u64, len: u64, b: u64, blen: u64) -> bool {
     if len == 0 || blen == 0 {
         return false;
     }
-    let a_end = a.checked_add(len).unwrap_or(u64::MAX);
-    let b_end = b.checked_add(blen).unwrap_or(u64::MAX);
+    let a_end = a.saturating_add(len);
+    let b_end = b.saturating_add(blen);
     a < b_end && b < a_end
 }
 
@@ -274,7 +276,11 @@ pub enum Submitted<'m> {
 }
 
 /// The regions of guest RAM: (guest address, length).
-pub const REGIONS: [(u64, u64); 3] = [(DATA0, DATA_LEN), (DATA1, DATA_LEN), (RINGS, RINGS_END - RINGS)];
+pub const REGIONS: [(u64, u64); 3] = [
+    (DATA0, DATA_LEN),
+    (DATA1, DATA_LEN),
+    (RINGS, RINGS_END - RINGS),
+];
 
 /// Guest RAM as one host slice per region.
 fn host_view(mem: &GuestMemoryMmap) -> Vec<(u64, &[u8])> {
@@ -359,7 +365,9 @@ impl<'m> DriverQueue<'m> {
         shadow
             .try_set_desc_table_address(gq.mock.desc_table_addr())
             .unwrap();
-        shadow.try_set_avail_ring_address(gq.mock.avail_addr()).unwrap();
+        shadow
+            .try_set_avail_ring_address(gq.mock.avail_addr())
+            .unwrap();
         shadow.try_set_used_ring_address(gq.used_addr).unwrap();
         shadow.set_event_idx(event_idx);
         shadow.set_ready(true);
@@ -444,7 +452,11 @@ impl<'m> Driver<'m> {
     /// Resets the device and brings it up again on fresh, empty rings.
     pub fn reset_and_reactivate(&mut self) {
         self.h.write32(REG_STATUS, 0);
-        assert_eq!(self.h.read32(REG_STATUS), 0, "reset did not clear the status");
+        assert_eq!(
+            self.h.read32(REG_STATUS),
+            0,
+            "reset did not clear the status"
+        );
         assert!(!self.is_active());
         self.queues = Self::make_queues(self.mem, &self.sizes, self.features);
         let refs: Vec<&GuestQueue<'_>> = self.queues.iter().map(|q| &q.gq).collect();
@@ -489,7 +501,11 @@ impl<'m> Driver<'m> {
 
     /// Writes an indirect table of `descs` into the queue's indirect area;
     /// returns (address, byte length), or None when the area is full.
-    fn indirect_table<C: Content>(&mut self, q: usize, descs: &[DescSpec<C>]) -> Option<(u64, u32)> {
+    fn indirect_table<C: Content>(
+        &mut self,
+        q: usize,
+        descs: &[DescSpec<C>],
+    ) -> Option<(u64, u32)> {
         let n = descs.len().min(64) as u64;
         let at = self.queues[q].next_indirect;
         if at + 16 * n > self.queues[q].slot + SLOT {
@@ -572,9 +588,13 @@ impl<'m> Driver<'m> {
                         let (addr, len) = self.place(s.addr.resolve(), s.len.resolve(), s.write);
                         self.fill(addr, len, &s.content);
                         let flags = if s.write { WRITE } else { 0 } | NEXT;
-                        self.queues[q]
-                            .gq
-                            .set_desc(first + i as u16, addr, len, flags, first + i as u16 + 1);
+                        self.queues[q].gq.set_desc(
+                            first + i as u16,
+                            addr,
+                            len,
+                            flags,
+                            first + i as u16 + 1,
+                        );
                     }
                     self.queues[q]
                         .gq
@@ -657,11 +677,19 @@ impl<'m> Driver<'m> {
     /// The generic check after a kick: the device returned exactly the
     /// `expected` heads, in order, each with a used length within its
     /// bound (the chain's writable bytes, when known).
-    pub fn check_used(&self, q: usize, used_before: u16, expected: &[(u16, Option<u64>)]) -> Vec<(u32, u32)> {
+    pub fn check_used(
+        &self,
+        q: usize,
+        used_before: u16,
+        expected: &[(u16, Option<u64>)],
+    ) -> Vec<(u32, u32)> {
         let used = self.used_since(q, used_before);
         let heads: Vec<u32> = used.iter().map(|u| u.0).collect();
         let want: Vec<u32> = expected.iter().map(|e| u32::from(e.0)).collect();
-        assert_eq!(heads, want, "queue {q}: used heads differ from the chains made available");
+        assert_eq!(
+            heads, want,
+            "queue {q}: used heads differ from the chains made available"
+        );
         for (&(head, len), &(_, bound)) in used.iter().zip(expected) {
             if let Some(bound) = bound {
                 assert!(
