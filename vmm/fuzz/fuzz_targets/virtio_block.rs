@@ -80,30 +80,57 @@ struct Segment {
 
 #[derive(Arbitrary, Debug, Clone)]
 enum BlkContent {
-    Header { ty: BlkType, sector: Sector },
+    Header {
+        ty: BlkType,
+        sector: Sector,
+    },
     Segments(Vec<Segment>),
+    /// A header followed by its payload in one buffer: discard or
+    /// write-zeroes segments, or OUT data.
+    Request {
+        ty: BlkType,
+        sector: Sector,
+        segments: Vec<Segment>,
+        data_sectors: u8,
+    },
     Bytes(Vec<u8>),
+}
+
+fn segment_bytes(s: &[Segment]) -> Vec<u8> {
+    s.iter()
+        .flat_map(|g| {
+            let n = if g.small { g.sectors % 64 } else { g.sectors };
+            let mut b = g.sector.value().to_le_bytes().to_vec();
+            b.extend_from_slice(&n.to_le_bytes());
+            b.extend_from_slice(&(g.flags & 3).to_le_bytes());
+            b
+        })
+        .collect()
+}
+
+fn header_bytes(ty: &BlkType, sector: &Sector) -> Vec<u8> {
+    let mut b = ty.value().to_le_bytes().to_vec();
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&sector.value().to_le_bytes());
+    b
 }
 
 impl Content for BlkContent {
     fn bytes(&self) -> Vec<u8> {
         match self {
-            BlkContent::Header { ty, sector } => {
-                let mut b = ty.value().to_le_bytes().to_vec();
-                b.extend_from_slice(&0u32.to_le_bytes());
-                b.extend_from_slice(&sector.value().to_le_bytes());
+            BlkContent::Header { ty, sector } => header_bytes(ty, sector),
+            BlkContent::Segments(s) => segment_bytes(s),
+            BlkContent::Request {
+                ty,
+                sector,
+                segments,
+                data_sectors,
+            } => {
+                let mut b = header_bytes(ty, sector);
+                b.extend(segment_bytes(segments));
+                b.resize(b.len() + 512 * usize::from(data_sectors % 9), 0xd7);
                 b
             }
-            BlkContent::Segments(s) => s
-                .iter()
-                .flat_map(|g| {
-                    let n = if g.small { g.sectors % 64 } else { g.sectors };
-                    let mut b = g.sector.value().to_le_bytes().to_vec();
-                    b.extend_from_slice(&n.to_le_bytes());
-                    b.extend_from_slice(&(g.flags & 3).to_le_bytes());
-                    b
-                })
-                .collect(),
             BlkContent::Bytes(b) => b.clone(),
         }
     }

@@ -96,8 +96,12 @@ enum Op {
     Process(u8),
     /// The event loop handles device event source `s`.
     Event(u8),
-    /// Reset, ACKNOWLEDGE, DRIVER, these features, FEATURES_OK.
-    Negotiate(u64),
+    /// Reset, ACKNOWLEDGE, DRIVER, these features (masked to the offered
+    /// ones plus VERSION_1, unless raw), FEATURES_OK.
+    Negotiate {
+        features: u64,
+        raw: bool,
+    },
     /// Adds DRIVER_OK to the status.
     DriverOk,
 }
@@ -167,8 +171,13 @@ fuzz_target!(|input: Input| {
             }
             Op::Process(q) => h.kick(usize::from(*q % 4)),
             Op::Event(s) => h.transport.handle_event(usize::from(*s % 4)),
-            Op::Negotiate(f) => {
-                h.negotiate(*f);
+            Op::Negotiate { features, raw } => {
+                let f = if *raw {
+                    *features
+                } else {
+                    *features & h.device_features() | 1 << VIRTIO_F_VERSION_1
+                };
+                h.negotiate(f);
             }
             Op::DriverOk => {
                 h.driver_ok();

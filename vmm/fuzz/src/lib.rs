@@ -153,15 +153,19 @@ pub enum Len {
     Sectors(u8),
     Word(u16),
     Raw(u32),
+    /// Exactly the length of the buffer's content (0 without content).
+    Fit,
 }
 
 impl Len {
-    pub fn resolve(self) -> u32 {
+    /// The length; `fit` is the length of the buffer's content, if any.
+    pub fn resolve(self, fit: Option<usize>) -> u32 {
         match self {
             Len::Small(n) => u32::from(n) % 0x400,
             Len::Sectors(n) => u32::from(n) % 130 * 512,
             Len::Word(n) => u32::from(n),
             Len::Raw(n) => n,
+            Len::Fit => fit.unwrap_or(0) as u32,
         }
     }
 }
@@ -170,6 +174,10 @@ impl Len {
 /// (a request header, a PFN list, ...).
 pub trait Content {
     fn bytes(&self) -> Vec<u8>;
+}
+
+fn fit<C: Content>(c: &Option<C>) -> Option<usize> {
+    c.as_ref().map(|c| c.bytes().len())
 }
 
 /// Plain bytes, for targets without structured content.
@@ -513,7 +521,7 @@ impl<'m> Driver<'m> {
         }
         self.queues[q].next_indirect += 16 * n.max(1);
         for (i, d) in descs.iter().take(n as usize).enumerate() {
-            let (addr, len) = self.place(d.addr.resolve(), d.len.resolve(), d.write);
+            let (addr, len) = self.place(d.addr.resolve(), d.len.resolve(fit(&d.content)), d.write);
             self.fill(addr, len, &d.content);
             let last = i as u64 + 1 == n;
             let flags = if d.write { WRITE } else { 0 } | if last { 0 } else { NEXT };
@@ -557,7 +565,8 @@ impl<'m> Driver<'m> {
                 ChainSpec::Direct(d) => {
                     let first = self.queues[q].gq.alloc(need as u16);
                     for (i, s) in d.iter().enumerate() {
-                        let (addr, len) = self.place(s.addr.resolve(), s.len.resolve(), s.write);
+                        let (addr, len) =
+                            self.place(s.addr.resolve(), s.len.resolve(fit(&s.content)), s.write);
                         self.fill(addr, len, &s.content);
                         let last = i + 1 == d.len();
                         let flags = if s.write { WRITE } else { 0 } | if last { 0 } else { NEXT };
@@ -585,7 +594,8 @@ impl<'m> Driver<'m> {
                     };
                     let first = self.queues[q].gq.alloc(need as u16);
                     for (i, s) in d.iter().enumerate() {
-                        let (addr, len) = self.place(s.addr.resolve(), s.len.resolve(), s.write);
+                        let (addr, len) =
+                            self.place(s.addr.resolve(), s.len.resolve(fit(&s.content)), s.write);
                         self.fill(addr, len, &s.content);
                         let flags = if s.write { WRITE } else { 0 } | NEXT;
                         self.queues[q].gq.set_desc(
@@ -604,7 +614,7 @@ impl<'m> Driver<'m> {
                 ChainSpec::Raw(d) => {
                     let first = self.queues[q].gq.alloc(need as u16);
                     for (i, s) in d.iter().enumerate() {
-                        let mut len = s.len.resolve();
+                        let mut len = s.len.resolve(fit(&s.content));
                         let mut addr = s.addr.resolve();
                         if s.flags & IND != 0 && !self.chaos {
                             // Indirect tables only where the driver wrote
