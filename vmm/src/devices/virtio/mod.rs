@@ -34,8 +34,11 @@ pub mod net;
 pub mod queue;
 pub mod rng;
 
-#[cfg(test)]
-pub(crate) mod test_util;
+/// Test and fuzzing scaffolding: the unit tests' harness, public only with
+/// the `fuzzing` feature (for the targets in `vmm/fuzz`).
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod test_util;
 
 pub use config::{BalloonConfig, DiskConfig, MacAddr, NetConfig, RngConfig};
 pub use device::VirtioDevice;
