@@ -4,7 +4,7 @@ PROBE := guest-image/probe/target/release/probe
 KSMVM := target/vmm/ksmvm
 BENCH := target/release/ksmvm-bench
 
-.PHONY: all build ksmvm probe demo test lint fmt kernel clean
+.PHONY: all build ksmvm probe demo test fuzz lint fmt kernel clean
 
 all: build
 
@@ -33,6 +33,12 @@ kernel:
 
 test: probe kernel
 	$(CARGO) test --workspace -- --test-threads=2
+
+# Fuzz every virtio target for FUZZ_SECONDS each (not part of CI; needs
+# `cargo install cargo-fuzz`). Figures per target: docs/fuzzing.md.
+FUZZ_SECONDS ?= 60
+fuzz:
+	vmm/fuzz/run.sh $(FUZZ_SECONDS)
 
 lint:
 	$(CARGO) fmt --all --check
