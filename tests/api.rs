@@ -632,15 +632,7 @@ fn ksm_actions_on_converged_twins() {
         return;
     }
     let _lock = ksmvm::ksm::HostLock::acquire().expect("KSM host lock");
-    let ksm = ksmvm::ksm::Ksm::new();
-    let guard = ksm.settings_guard().expect("save KSM settings");
-    ksm.tune(&ksmvm::ksm::KsmTuning {
-        pages_to_scan: Some(20_000),
-        sleep_millisecs: Some(20),
-        enabled: Some(true),
-        ..Default::default()
-    })
-    .expect("tune KSM");
+    let (ksm, guard) = support::fast_ksm();
 
     const SHARED_MIB: u64 = 32;
     let shared_pages = SHARED_MIB * 256;
@@ -703,7 +695,7 @@ fn ksm_actions_on_converged_twins() {
             .collect();
         let proc_: Vec<i64> = vms
             .iter()
-            .map(|v| proc_ksm_stat(v.pid(), "ksm_process_profit"))
+            .map(|v| support::proc_ksm_stat(v.pid(), "ksm_process_profit"))
             .collect();
         let c = ksm.counters().unwrap();
         let general = c.general_profit.unwrap();
@@ -784,12 +776,4 @@ fn ksm_actions_on_converged_twins() {
         assert!(status.success(), "{stderr}");
     }
     guard.restore().expect("restore KSM settings");
-}
-
-/// A field of /proc/PID/ksm_stat, read from outside the VMM.
-fn proc_ksm_stat(pid: u32, key: &str) -> i64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/ksm_stat")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|r| r.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/ksm_stat: {text}"))
 }

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use ksmvm::ksm::{HostLock, Ksm, KsmTuning};
+use ksmvm::ksm::HostLock;
 use probe_pattern::pack::SyntheticPack;
 use probe_pattern::{expected_checksum, DOMAIN_SHARED, DOMAIN_UNIQUE};
 use support::*;
@@ -219,15 +219,6 @@ fn bad_packs_are_refused_clearly() {
     assert!(e.starts_with("PROBE ERROR image: no initrd"), "{e}");
 }
 
-/// A field of /proc/PID/ksm_stat.
-fn ksm_stat(pid: u32, key: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/ksm_stat"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/ksm_stat: {e}"));
-    text.lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|r| r.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/ksm_stat: {text}"))
-}
-
 /// How long the KSM test waits for the host lock (a benchmark may hold it
 /// for a long time): `KSMVM_TEST_LOCK_WAIT_S`, default 600 s.
 fn lock_wait() -> Duration {
@@ -251,15 +242,7 @@ fn guests_loading_the_same_pack_merge_its_shared_pages_only() {
         );
         return;
     };
-    let ksm = Ksm::new();
-    let guard = ksm.settings_guard().expect("save KSM settings");
-    ksm.tune(&KsmTuning {
-        pages_to_scan: Some(20_000),
-        sleep_millisecs: Some(20),
-        enabled: Some(true),
-        ..Default::default()
-    })
-    .expect("tune KSM");
+    let (_ksm, guard) = fast_ksm();
 
     // No zero pages: they would merge too and blur the count.
     let pack = SyntheticPack {
@@ -293,7 +276,7 @@ fn guests_loading_the_same_pack_merge_its_shared_pages_only() {
     let merged = loop {
         let m: Vec<u64> = vms
             .iter()
-            .map(|v| ksm_stat(v.pid(), "ksm_merging_pages"))
+            .map(|v| proc_ksm_stat(v.pid(), "ksm_merging_pages") as u64)
             .collect();
         if m.iter().all(|&p| p >= pack.shared * 9 / 10) {
             break m;
@@ -310,7 +293,7 @@ fn guests_loading_the_same_pack_merge_its_shared_pages_only() {
     // own identical pages (its image, page tables: well under 1024).
     std::thread::sleep(Duration::from_secs(2));
     for vm in &vms {
-        let m = ksm_stat(vm.pid(), "ksm_merging_pages");
+        let m = proc_ksm_stat(vm.pid(), "ksm_merging_pages") as u64;
         assert!(
             m < pack.shared + 1024,
             "{m} pages merged: the image's own pages must not merge (shared {}, own {})",

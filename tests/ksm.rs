@@ -5,30 +5,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use ksmvm::ksm::{HostLock, Ksm, KsmTuning};
+use ksmvm::ksm::HostLock;
 use support::*;
 
 const BOOT: Duration = Duration::from_secs(60);
-
-/// A field of /proc/PID/ksm_stat, read from outside the VMM.
-fn ksm_stat(pid: u32, key: &str) -> i64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/ksm_stat"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/ksm_stat: {e}"));
-    text.lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|r| r.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/ksm_stat: {text}"))
-}
-
-/// Raises the scan rate for the test's duration (restored by the guard).
-fn fast_ksm(ksm: &Ksm) {
-    ksm.tune(&KsmTuning {
-        pages_to_scan: Some(20_000),
-        sleep_millisecs: Some(20),
-        enabled: Some(true),
-        ..Default::default()
-    })
-    .expect("tune KSM");
-}
 
 #[test]
 fn twin_probes_merge_and_keep_their_own_data() {
@@ -36,9 +16,7 @@ fn twin_probes_merge_and_keep_their_own_data() {
         return;
     }
     let _lock = HostLock::acquire().expect("KSM host lock");
-    let ksm = Ksm::new();
-    let guard = ksm.settings_guard().expect("save KSM settings");
-    fast_ksm(&ksm);
+    let (_ksm, guard) = fast_ksm();
 
     const SHARED_MIB: u64 = 48;
     let shared_pages = SHARED_MIB * 256;
@@ -60,7 +38,7 @@ fn twin_probes_merge_and_keep_their_own_data() {
     let merged = loop {
         let m: Vec<i64> = vms
             .iter()
-            .map(|v| ksm_stat(v.pid(), "ksm_merging_pages"))
+            .map(|v| proc_ksm_stat(v.pid(), "ksm_merging_pages"))
             .collect();
         if m.iter().all(|&p| p as u64 >= shared_pages * 9 / 10) {
             break m;

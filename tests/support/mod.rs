@@ -469,3 +469,28 @@ pub fn write_pack(path: &Path, pack: &probe_pattern::pack::SyntheticPack) {
     pack.write(|bytes| out.write_all(bytes).expect("write pack"));
     out.flush().expect("write pack");
 }
+
+/// A field of /proc/PID/ksm_stat, read from outside the VMM.
+pub fn proc_ksm_stat(pid: u32, key: &str) -> i64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/ksm_stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/ksm_stat: {e}"));
+    text.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/ksm_stat: {text}"))
+}
+
+/// Saves every KSM knob and starts ksmd scanning fast enough to converge
+/// in seconds (MACHINE.md); the guard restores the knobs, also on panic.
+/// Callers hold the KSM host lock.
+pub fn fast_ksm() -> (ksmvm::ksm::Ksm, ksmvm::ksm::KsmSettingsGuard) {
+    let ksm = ksmvm::ksm::Ksm::new();
+    let guard = ksm.settings_guard().expect("save KSM settings");
+    ksm.tune(&ksmvm::ksm::KsmTuning {
+        pages_to_scan: Some(20_000),
+        sleep_millisecs: Some(20),
+        enabled: Some(true),
+        ..Default::default()
+    })
+    .expect("tune KSM");
+    (ksm, guard)
+}
