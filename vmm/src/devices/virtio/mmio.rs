@@ -240,6 +240,9 @@ impl MmioTransport {
     }
 
     fn read_register(&self, offset: u64) -> u32 {
+        if let Some((r, high)) = RingReg::find(offset) {
+            return self.selected_queue().map_or(0, |q| half((r.get)(q), high));
+        }
         match offset {
             REG_MAGIC_VALUE => MAGIC_VALUE,
             REG_VERSION => MMIO_VERSION,
@@ -252,18 +255,6 @@ impl MmioTransport {
             },
             REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
             REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            REG_QUEUE_DESC_LOW => self.selected_queue().map_or(0, |q| q.desc_table() as u32),
-            REG_QUEUE_DESC_HIGH => self
-                .selected_queue()
-                .map_or(0, |q| (q.desc_table() >> 32) as u32),
-            REG_QUEUE_DRIVER_LOW => self.selected_queue().map_or(0, |q| q.avail_ring() as u32),
-            REG_QUEUE_DRIVER_HIGH => self
-                .selected_queue()
-                .map_or(0, |q| (q.avail_ring() >> 32) as u32),
-            REG_QUEUE_DEVICE_LOW => self.selected_queue().map_or(0, |q| q.used_ring() as u32),
-            REG_QUEUE_DEVICE_HIGH => self
-                .selected_queue()
-                .map_or(0, |q| (q.used_ring() >> 32) as u32),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
             REG_STATUS => self.status,
             // No shared memory regions: their length reads as all ones.
@@ -277,6 +268,15 @@ impl MmioTransport {
     }
 
     fn write_register(&mut self, offset: u64, v: u32) {
+        if let Some((r, high)) = RingReg::find(offset) {
+            if let Some(q) = self.configurable_queue(r.name) {
+                let addr = GuestAddress(splice((r.get)(q), v, high));
+                if (r.set)(q, addr).is_err() {
+                    warn_ratelimited!("virtio-mmio: {} {addr:?} not {}-aligned", r.what, r.align);
+                }
+            }
+            return;
+        }
         match offset {
             REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
@@ -297,33 +297,6 @@ impl MmioTransport {
             REG_QUEUE_NOTIFY => self.notify(v),
             REG_INTERRUPT_ACK => self.interrupt.ack(v),
             REG_STATUS => self.write_status(v),
-            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => {
-                let high = offset == REG_QUEUE_DESC_HIGH;
-                if let Some(q) = self.configurable_queue("QueueDesc") {
-                    let addr = GuestAddress(splice(q.desc_table(), v, high));
-                    if q.try_set_desc_table_address(addr).is_err() {
-                        warn_ratelimited!("virtio-mmio: descriptor table {addr:?} not 16-aligned");
-                    }
-                }
-            }
-            REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH => {
-                let high = offset == REG_QUEUE_DRIVER_HIGH;
-                if let Some(q) = self.configurable_queue("QueueDriver") {
-                    let addr = GuestAddress(splice(q.avail_ring(), v, high));
-                    if q.try_set_avail_ring_address(addr).is_err() {
-                        warn_ratelimited!("virtio-mmio: available ring {addr:?} not 2-aligned");
-                    }
-                }
-            }
-            REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH => {
-                let high = offset == REG_QUEUE_DEVICE_HIGH;
-                if let Some(q) = self.configurable_queue("QueueDevice") {
-                    let addr = GuestAddress(splice(q.used_ring(), v, high));
-                    if q.try_set_used_ring_address(addr).is_err() {
-                        warn_ratelimited!("virtio-mmio: used ring {addr:?} not 4-aligned");
-                    }
-                }
-            }
             // There are no shared memory regions to select.
             REG_SHM_SEL => {}
             _ => warn_ratelimited!("virtio-mmio: write of {v:#x} to unknown register {offset:#x}"),
@@ -492,6 +465,67 @@ impl MmioTransport {
         self.acked_beyond_64 = false;
         self.queue_sel = 0;
         self.state = State::Inactive;
+    }
+}
+
+/// One of the three ring addresses a driver programs, each as a pair of
+/// 32-bit registers (low, high).
+struct RingReg {
+    low: u64,
+    high: u64,
+    name: &'static str,
+    what: &'static str,
+    align: u32,
+    get: fn(&Queue) -> u64,
+    set: fn(&mut Queue, GuestAddress) -> Result<(), virtio_queue::Error>,
+}
+
+const RING_REGS: [RingReg; 3] = [
+    RingReg {
+        low: REG_QUEUE_DESC_LOW,
+        high: REG_QUEUE_DESC_HIGH,
+        name: "QueueDesc",
+        what: "descriptor table",
+        align: 16,
+        get: |q| q.desc_table(),
+        set: |q, a| q.try_set_desc_table_address(a),
+    },
+    RingReg {
+        low: REG_QUEUE_DRIVER_LOW,
+        high: REG_QUEUE_DRIVER_HIGH,
+        name: "QueueDriver",
+        what: "available ring",
+        align: 2,
+        get: |q| q.avail_ring(),
+        set: |q, a| q.try_set_avail_ring_address(a),
+    },
+    RingReg {
+        low: REG_QUEUE_DEVICE_LOW,
+        high: REG_QUEUE_DEVICE_HIGH,
+        name: "QueueDevice",
+        what: "used ring",
+        align: 4,
+        get: |q| q.used_ring(),
+        set: |q, a| q.try_set_used_ring_address(a),
+    },
+];
+
+impl RingReg {
+    /// The ring address register at `offset`, and whether it is the high half.
+    fn find(offset: u64) -> Option<(&'static RingReg, bool)> {
+        RING_REGS
+            .iter()
+            .find(|r| offset == r.low || offset == r.high)
+            .map(|r| (r, offset == r.high))
+    }
+}
+
+/// The low or high half of `v`.
+fn half(v: u64, high: bool) -> u32 {
+    if high {
+        (v >> 32) as u32
+    } else {
+        v as u32
     }
 }
 
