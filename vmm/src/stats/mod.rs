@@ -33,6 +33,10 @@ pub struct GuestRamStats {
     pub vmas: u32,
 }
 
+/// sizeof(struct ksm_rmap_item) on 64-bit Linux: what the kernel's own
+/// profit formula charges per rmap item (mm/ksm.c).
+pub const RMAP_ITEM_BYTES: u64 = 64;
+
 /// The process-wide KSM counters (from /proc/self/ksm_stat).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KsmProcessStats {
@@ -82,8 +86,13 @@ pub struct VmStats {
 
 impl KsmProcessStats {
     /// The metadata KSM spends on this process, recovered from the kernel's
-    /// profit formula: (merged + zero pages) x page size - profit.
+    /// profit formula: (merged + zero pages) x page size - profit. Kernels
+    /// without ksm_process_profit (Linux 6.1) give the rmap item count,
+    /// which costs RMAP_ITEM_BYTES each.
     pub fn metadata_bytes(&self, page_size: u64) -> Option<u64> {
+        if self.ksm_process_profit.is_none() {
+            return self.ksm_rmap_items?.checked_mul(RMAP_ITEM_BYTES);
+        }
         let merged = self.ksm_pages_sharing.or(self.ksm_merging_pages)?;
         // Kernels without per-process zero-page counts leave them out of profit too.
         let zero = self.ksm_zero_pages.unwrap_or(0);
@@ -117,8 +126,8 @@ impl VmStats {
         let (metadata, zero_bytes) = if ksm_built_in {
             (
                 ksm.metadata_bytes(page_size),
-                ksm.ksm_process_profit
-                    .map(|_| ksm.ksm_zero_pages.unwrap_or(0).saturating_mul(page_size)),
+                (ksm.ksm_process_profit.is_some() || ksm.ksm_rmap_items.is_some())
+                    .then(|| ksm.ksm_zero_pages.unwrap_or(0).saturating_mul(page_size)),
             )
         } else {
             (Some(0), Some(0))

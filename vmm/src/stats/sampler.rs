@@ -25,6 +25,9 @@ pub struct Sampler {
     smaps_path: PathBuf,
     /// None: this kernel has no ksm_stat (older than 6.1, or no CONFIG_KSM).
     ksm_stat: Option<(File, PathBuf)>,
+    /// `ksm_merging_pages` beside ksm_stat (Linux >= 5.19): where ksm_stat
+    /// lacks the count (Linux 6.1 has only ksm_rmap_items).
+    merging_pages: Option<(File, PathBuf)>,
     ksm_built_in: bool,
     page_size: u64,
     buf: Vec<u8>,
@@ -58,16 +61,19 @@ impl Sampler {
             move |source| StatsError::Open { path, source }
         };
         let smaps_file = File::open(smaps).map_err(open_err(smaps))?;
-        let ksm_stat = match File::open(ksm_stat) {
-            Ok(f) => Some((f, ksm_stat.to_path_buf())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(open_err(ksm_stat)(e)),
+        let open_optional = |path: &Path| match File::open(path) {
+            Ok(f) => Ok(Some((f, path.to_path_buf()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(open_err(path)(e)),
         };
+        let merging_pages = open_optional(&ksm_stat.with_file_name("ksm_merging_pages"))?;
+        let ksm_stat = open_optional(ksm_stat)?;
         Ok(Self {
             regions,
             smaps: smaps_file,
             smaps_path: smaps.to_path_buf(),
             ksm_stat,
+            merging_pages,
             ksm_built_in,
             page_size: page_size(),
             buf: vec![0; READ_CHUNK],
@@ -90,9 +96,14 @@ impl Sampler {
         let smaps = self.read_smaps()?;
         let ksm = self.read_ksm_stat()?;
         self.detail = Some((Instant::now(), smaps.clone()));
+        let mut guest_ram = smaps.guest_ram;
+        if guest_ram.ksm.is_none() {
+            // No KSM: line in smaps (before Linux 6.7): the process-wide count.
+            guest_ram.ksm = merged_bytes(None, &ksm, self.page_size, guest_ram.rss);
+        }
         let mut stats = VmStats::derive(
             self.regions.total_len(),
-            smaps.guest_ram,
+            guest_ram,
             ksm,
             smaps.process_rss,
             self.page_size,
@@ -123,18 +134,7 @@ impl Sampler {
         let mut guest_ram = detail.guest_ram;
         guest_ram.rss = rss;
         guest_ram.pss = guest_ram.pss.min(rss);
-        // The VMM marks only guest RAM mergeable, so the process-wide merged
-        // page count is this VM's; it replaces the (older) smaps KSM line.
-        // MADV_UNMERGEABLE copies every merged page back at once, while
-        // ksm_merging_pages only drops when ksmd next passes: a process with
-        // no mergeable memory left has nothing merged.
-        if guest_ram.ksm.is_some() {
-            guest_ram.ksm = match (ksm.ksm_mergeable, ksm.ksm_merging_pages) {
-                (Some(false), _) => Some(0),
-                (_, Some(pages)) => Some((pages * self.page_size).min(rss)),
-                (_, None) => guest_ram.ksm,
-            };
-        }
+        guest_ram.ksm = merged_bytes(guest_ram.ksm, &ksm, self.page_size, rss);
         let mut stats = VmStats::derive(
             self.regions.total_len(),
             guest_ram,
@@ -200,7 +200,38 @@ impl Sampler {
         self.text.clear();
         file.seek(SeekFrom::Start(0)).map_err(read_err)?;
         file.read_to_string(&mut self.text).map_err(read_err)?;
-        parse_ksm_stat(&self.text)
+        let mut ksm = parse_ksm_stat(&self.text)?;
+        if ksm.ksm_merging_pages.is_none() {
+            if let Some((file, path)) = &mut self.merging_pages {
+                self.text.clear();
+                let read_err = |source| StatsError::Read {
+                    path: path.clone(),
+                    source,
+                };
+                file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+                file.read_to_string(&mut self.text).map_err(read_err)?;
+                let n = self.text.trim().parse().map_err(|_| StatsError::Parse {
+                    file: "ksm_merging_pages",
+                    line: self.text.trim().to_owned(),
+                })?;
+                ksm.ksm_merging_pages = Some(n);
+            }
+        }
+        Ok(ksm)
+    }
+}
+
+/// Merged guest RAM in bytes. The VMM marks only guest RAM mergeable, so
+/// the process-wide merged page count is this VM's; it replaces the (older)
+/// smaps KSM: figure, or stands in where smaps has none (Linux 6.1).
+/// MADV_UNMERGEABLE copies every merged page back at once, while
+/// ksm_merging_pages only drops when ksmd next passes: a process with no
+/// mergeable memory left has nothing merged.
+fn merged_bytes(smaps_ksm: Option<u64>, ksm: &KsmProcessStats, page: u64, rss: u64) -> Option<u64> {
+    match (ksm.ksm_mergeable, ksm.ksm_merging_pages) {
+        (Some(false), _) => Some(0),
+        (_, Some(pages)) => Some(pages.saturating_mul(page).min(rss)),
+        (_, None) => smaps_ksm,
     }
 }
 
@@ -282,6 +313,37 @@ mod tests {
                 assert_eq!(got, text.lines().collect::<Vec<_>>(), "cap {cap}");
             }
         }
+    }
+
+    #[test]
+    fn linux_6_1_counts_come_from_ksm_merging_pages() {
+        // 6.1: no KSM: line in smaps, ksm_stat has only ksm_rmap_items, and
+        // /proc/PID/ksm_merging_pages holds the merged page count.
+        let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/stats/fixtures");
+        let dir = std::env::temp_dir().join(format!("ksmvm-6-1-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let smaps: String = std::fs::read_to_string(d.join("smaps_vm.txt"))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("KSM:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(dir.join("smaps"), smaps).unwrap();
+        std::fs::write(dir.join("ksm_stat"), "ksm_rmap_items 16384\n").unwrap();
+        std::fs::write(dir.join("ksm_merging_pages"), "3072\n").unwrap();
+        let regions = GuestRegions::new([(0x7f3a_4000_0000, 64 << 20)]).unwrap();
+        let mut s =
+            Sampler::with_paths(regions, &dir.join("smaps"), &dir.join("ksm_stat"), true).unwrap();
+        let a = s.sample().unwrap();
+        assert_eq!(a.ksm.ksm_merging_pages, Some(3072));
+        assert_eq!(a.guest_ram.ksm, Some(3072 * 4096));
+        assert_eq!(a.ksm_metadata_bytes, Some(16384 * super::super::RMAP_ITEM_BYTES));
+        assert!(a.merged_fraction.is_some_and(|f| f > 0.0));
+        assert!(a.effective_bytes.is_some() && a.ksm_saved_bytes.is_some());
+        std::fs::write(dir.join("ksm_merging_pages"), "junk\n").unwrap();
+        let err = s.sample().unwrap_err().to_string();
+        assert!(err.contains("ksm_merging_pages"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -104,13 +104,23 @@ fn derive_unavailable_is_none() {
     assert_eq!(s.ksm_saved_bytes, None);
     // RSS read at slightly different times must not underflow.
     assert_eq!(s.vmm_overhead_bytes, 0);
-    // Early 6.x: ksm_stat without profit.
+    // Linux 6.1: ksm_stat without profit; the rmap items give the metadata.
     let old = KsmProcessStats {
         ksm_rmap_items: Some(3),
         ksm_merging_pages: Some(1),
         ..Default::default()
     };
-    assert_eq!(old.metadata_bytes(PAGE), None);
+    assert_eq!(old.metadata_bytes(PAGE), Some(3 * RMAP_ITEM_BYTES));
+    let s = VmStats::derive(
+        64 * MIB,
+        guest(10 * MIB, 9 * MIB, Some(PAGE)),
+        old,
+        12 * MIB,
+        PAGE,
+        true,
+    );
+    assert_eq!(s.effective_bytes, Some(9 * MIB + 3 * RMAP_ITEM_BYTES));
+    assert_eq!(s.ksm_saved_bytes, Some((MIB - 3 * RMAP_ITEM_BYTES) as i64));
     // No KSM in the kernel: nothing can be merged, so the figures are exact.
     let s = VmStats::derive(
         64 * MIB,

@@ -1,0 +1,211 @@
+//! Real Linux guests for tests/real_linux.rs: where the kernels and the test
+//! initramfs are cached, and a guest driven over its serial console.
+//!
+//! The initramfs (guest-image/linux/make-test-initramfs.sh) runs busybox
+//! init; its /etc/rc prints `KSMVM-T boot ...`, `KSMVM-T cmdline ...` and
+//! `KSMVM-T ready`, then runs every line it reads from the console with
+//! eval and answers `KSMVM-T rc=N`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// Real Linux boots in ~5-30 s in the test host; allow for a loaded machine.
+pub const BOOT_LIMIT: Duration = Duration::from_secs(240);
+pub const CMD_LIMIT: Duration = Duration::from_secs(120);
+
+fn cache() -> PathBuf {
+    match std::env::var_os("KSMVM_CACHE") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache/ksmvm"),
+    }
+}
+
+/// The kernels of the lane, as `make test-linux` prepares them.
+pub enum Kernel {
+    /// Debian's standard kernel (the test host's own), ELF or bzImage.
+    DebianStandard { elf: bool },
+    /// Debian's cloud kernel (no MPPARSE: CPUs only through ACPI).
+    DebianCloud { elf: bool },
+    /// The project's guest kernel (guest-image/kernel): virtio-mmio from
+    /// the command line, i8042, ACPI, pvpanic, all built in.
+    Ksmvm,
+}
+
+impl Kernel {
+    pub fn path(&self) -> PathBuf {
+        let c = cache();
+        match self {
+            Kernel::DebianStandard { elf: true } => c.join("testhost/current/vmlinux"),
+            Kernel::DebianStandard { elf: false } => c.join("testhost/current/vmlinuz"),
+            Kernel::DebianCloud { elf: true } => c.join("linux/vmlinux"),
+            Kernel::DebianCloud { elf: false } => c.join("linux/vmlinuz"),
+            Kernel::Ksmvm => c.join("kernel/current/vmlinux"),
+        }
+    }
+}
+
+pub fn initramfs() -> PathBuf {
+    cache().join("linux/test-initramfs.cpio.gz")
+}
+
+/// Whether this machine can run the lane: hardware virtualisation (in the
+/// test host, or a vmx/svm host), root, and the prepared kernels.
+pub fn lane_ready(kernel: &Kernel) -> bool {
+    let hw = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false);
+    have_kvm()
+        && require(
+            hw,
+            "hardware virtualisation (vmx/svm in /proc/cpuinfo): run it with `make test-linux`, which uses the test host",
+        )
+        && require(is_root(), "root")
+        && require(
+            kernel.path().is_file() && initramfs().is_file(),
+            &format!(
+                "{} and {} (`make test-linux` prepares them)",
+                kernel.path().display(),
+                initramfs().display()
+            ),
+        )
+}
+
+/// Keeps a copy of a guest's serial log where the test-host runner keeps
+/// the artefacts of failed tests.
+pub fn keep_artefact(name: &str, text: &str) {
+    if let Some(dir) = std::env::var_os("KSMVM_ARTEFACTS") {
+        let _ = std::fs::write(Path::new(&dir).join(name), text);
+    }
+}
+
+/// What the guest's init reported at boot.
+#[derive(Debug, Default)]
+pub struct BootInfo {
+    pub nproc: u32,
+    pub online: String,
+    pub memtotal_kb: u64,
+    pub cmdline: String,
+}
+
+pub struct LinuxGuest {
+    pub vm: Vmm,
+    pub boot: BootInfo,
+    pub booted_in: Duration,
+    name: String,
+}
+
+/// `ksmvm run` arguments for `kernel` with the test initramfs.
+pub fn guest_args(kernel: &Kernel, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--kernel".into(),
+        kernel.path().display().to_string(),
+        "--initrd".into(),
+        initramfs().display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+impl LinuxGuest {
+    /// Boots `kernel` with the test initramfs and waits for its init.
+    pub fn boot(name: &str, kernel: &Kernel, extra: &[&str]) -> LinuxGuest {
+        LinuxGuest::wait_for_init(name, Vmm::spawn(guest_args(kernel, extra)))
+    }
+
+    /// Waits for the init of a guest already spawned.
+    pub fn wait_for_init(name: &str, mut vm: Vmm) -> LinuxGuest {
+        let start = Instant::now();
+        let line = vm.expect_line_containing("KSMVM-T boot ", BOOT_LIMIT);
+        let mut boot = BootInfo::default();
+        for kv in line.split_whitespace() {
+            match kv.split_once('=') {
+                Some(("nproc", v)) => boot.nproc = v.parse().unwrap_or(0),
+                Some(("online", v)) => boot.online = v.to_owned(),
+                Some(("memtotal_kb", v)) => boot.memtotal_kb = v.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        let line = vm.expect_line_containing("KSMVM-T cmdline ", CMD_LIMIT);
+        boot.cmdline = line
+            .split_once("KSMVM-T cmdline ")
+            .map(|(_, c)| c.trim().to_owned())
+            .unwrap_or_default();
+        vm.expect_line_containing("KSMVM-T ready", CMD_LIMIT);
+        let booted_in = start.elapsed();
+        eprintln!("{name}: init reached in {:.1} s: {boot:?}", booted_in.as_secs_f64());
+        LinuxGuest {
+            vm,
+            boot,
+            booted_in,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Runs one shell line in the guest; returns its exit status and the
+    /// lines it printed.
+    pub fn sh(&mut self, line: &str) -> (i32, Vec<String>) {
+        self.vm.send(line);
+        let start = self.vm.seen.len();
+        let end = self.vm.expect_line_containing("KSMVM-T rc=", CMD_LIMIT);
+        let rc = end
+            .split_once("KSMVM-T rc=")
+            .and_then(|(_, r)| r.trim().parse().ok())
+            .unwrap_or(-1);
+        let out = self.vm.seen[start..self.vm.seen.len() - 1].to_vec();
+        (rc, out)
+    }
+
+    /// Like [`sh`](Self::sh), asserting success.
+    pub fn ok(&mut self, line: &str) -> Vec<String> {
+        let (rc, out) = self.sh(line);
+        assert_eq!(rc, 0, "`{line}` failed in guest {}: {out:#?}", self.name);
+        out
+    }
+
+    /// The first line `line` printed, parsed.
+    pub fn value<T: std::str::FromStr>(&mut self, line: &str) -> T {
+        let out = self.ok(line);
+        out.iter()
+            .find_map(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("`{line}` printed no value: {out:?}"))
+    }
+
+    pub fn meminfo_kb(&mut self, field: &str) -> u64 {
+        self.value(&format!("awk '/^{field}:/ {{print $2}}' /proc/meminfo"))
+    }
+
+    /// Sends a line the guest will not answer (it powers off, reboots,
+    /// panics) and waits for the VMM to exit.
+    pub fn finish(mut self, line: &str) -> (ExitStatus, String) {
+        self.vm.send(line);
+        let r = self.vm.wait_keeping(CMD_LIMIT);
+        keep_artefact(&format!("{}.serial.log", self.name), &self.vm.seen.join("\n"));
+        r
+    }
+
+    /// Powers the guest off through ACPI and checks that the VMM exits 0.
+    pub fn poweroff(self) -> String {
+        let name = self.name.clone();
+        let (status, stderr) = self.finish("poweroff");
+        assert_eq!(status.code(), Some(0), "{name}: poweroff: {stderr}");
+        stderr
+    }
+}
+
+impl Drop for LinuxGuest {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            keep_artefact(&format!("{}.serial.log", self.name), &self.vm.seen.join("\n"));
+        }
+    }
+}
