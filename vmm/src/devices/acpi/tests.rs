@@ -42,7 +42,7 @@ fn hostile_pm_writes_are_ignored() {
         5 << 2,
         0x20,
         0x00,
-        0xff & !0x20,
+        !0x20u8,
     ] {
         dev.write(OFS_SLEEP_CONTROL, &[v]);
     }
