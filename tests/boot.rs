@@ -256,3 +256,45 @@ fn triple_fault_is_a_clear_error() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("triple fault"), "{stderr}");
 }
+
+/// Runs the probe, sends `command` once it is READY and returns the VMM's
+/// exit code and stderr.
+fn probe_command_exit(command: &str) -> (Option<i32>, String) {
+    let mut vm = Vmm::probe("", &["--mem-mib", "64", "--log-level", "info"]);
+    vm.expect_line("PROBE READY", BOOT);
+    vm.send(command);
+    let (status, stderr) = vm.wait(BOOT);
+    (status.code(), stderr)
+}
+
+#[test]
+fn acpi_poweroff_exits_0() {
+    if !have_kvm() {
+        return;
+    }
+    let (code, stderr) = probe_command_exit("poweroff");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("the guest powered off"), "{stderr}");
+}
+
+#[test]
+fn guest_reset_exits_3() {
+    if !have_kvm() {
+        return;
+    }
+    let (code, stderr) = probe_command_exit("reset");
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("the guest reset (reboot)"), "{stderr}");
+}
+
+#[test]
+fn guest_panic_exits_4_even_though_a_reset_follows() {
+    if !have_kvm() {
+        return;
+    }
+    let (code, stderr) = probe_command_exit("panic");
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(stderr.contains("the guest kernel panicked"), "{stderr}");
+    // It ended at the reset, not after the grace period.
+    assert!(!stderr.contains("did not reset within"), "{stderr}");
+}

@@ -162,6 +162,7 @@ fn debian_bzimage_loads_through_the_bzimage_path() {
         10,
         None,
         &ksmvm::arch::x86_64::e820_map(mem_bytes),
+        None,
     )
     .unwrap();
     let version: u16 = mem.read_obj(GuestAddress(0x7000 + 0x206)).unwrap();

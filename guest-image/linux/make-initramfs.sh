@@ -10,12 +10,11 @@
 # devtmpfs on /dev), writes the line
 #     KSMVM-INITRAMFS-OK
 # to /dev/console and then leaves the VM:
-#   1. reboot -f   with reboot=k on the kernel command line the kernel resets
-#                  through the i8042 (0xfe to port 0x64), which the VMM treats
-#                  as a clean exit;
-#   2. poweroff -f fallback. Without ACPI power-off the kernel cannot switch
-#                  the VM off, so this ends in "Attempted to kill init!" and a
-#                  panic; with panic=-1 that reboots, i.e. the same i8042 exit.
+#   1. poweroff -f an ACPI kernel writes S5 to the VMM's sleep control
+#                  register: the VMM exits 0;
+#   2. reboot -f   fallback for kernels without ACPI: with reboot=k the kernel
+#                  resets through the i8042 (0xfe to port 0x64), which the VMM
+#                  reports as a guest reboot (exit 3).
 # Suggested kernel command line: console=ttyS0 reboot=k panic=-1
 #
 # Output: ${KSMVM_CACHE:-$HOME/.cache/ksmvm}/linux/initramfs.cpio.gz (newc
@@ -91,9 +90,9 @@ bb=/bin/busybox
 [ -c /dev/console ] || \$bb mknod /dev/console c 5 1
 echo "$MARKER" >/dev/console
 \$bb sync
-\$bb reboot -f
-\$bb sleep 1
 \$bb poweroff -f
+\$bb sleep 1
+\$bb reboot -f
 # Not reached. If it is, init exits and the kernel panics (panic=-1 resets).
 INIT
 chmod 0755 "$root/init"

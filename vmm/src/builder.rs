@@ -1,7 +1,7 @@
 //! Assembles a VM from a validated configuration: KVM VM with in-kernel
 //! irqchip and PIT, guest RAM (MADV_MERGEABLE before any vCPU runs), the
-//! kernel, initrd, command line, zero page and MP table, the legacy devices,
-//! and configured vCPUs.
+//! kernel, initrd, command line, zero page, MP table and ACPI tables, the
+//! legacy and ACPI devices, and configured vCPUs.
 
 use std::fs::OpenOptions;
 use std::os::fd::AsFd;
@@ -11,11 +11,15 @@ use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY}
 use kvm_ioctls::{Cap, Kvm};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::{self, AcpiError};
 use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::e820_map;
-use crate::arch::x86_64::layout::{self, IRQ_I8042, IRQ_SERIAL, MMIO_GAP_START};
+use crate::arch::x86_64::layout::{
+    self, ACPI_PM_PORT, ACPI_PM_PORTS, IRQ_I8042, IRQ_SERIAL, MMIO_GAP_START, PVPANIC_PORT,
+};
 use crate::arch::x86_64::mptable::{self, MpTableError, MAX_CPUS};
 use crate::config::{ConfigError, SerialSink, VmConfig};
+use crate::devices::acpi::{AcpiPm, PvPanic};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialOut};
@@ -49,6 +53,8 @@ pub enum BuildError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     MpTable(#[from] MpTableError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("cannot open serial output {path}: {source}")]
@@ -85,7 +91,8 @@ impl BuildError {
                 | BootError::InitrdRead { .. } => 1,
                 _ => 2,
             },
-            BuildError::MpTable(MpTableError::TooManyCpus(_)) => 2,
+            BuildError::MpTable(MpTableError::TooManyCpus(_))
+            | BuildError::Acpi(AcpiError::TooManyCpus(_)) => 2,
             _ => 1,
         }
     }
@@ -189,8 +196,19 @@ pub fn build_with(
     let cmdline = full_cmdline(config.cmdline(), &device_params);
     boot::load_command_line(&mem, &cmdline, &kernel)?;
     let e820 = e820_map(mem_bytes);
-    boot::setup_zero_page(&mem, &kernel, cmdline.len(), initrd, &e820)?;
+    // Both tables: the MP table for kernels without ACPI, ACPI for kernels
+    // without MPPARSE (ACPI wins where a kernel has both).
     mptable::setup(&mem, config.vcpus)?;
+    let mmio: Vec<acpi::MmioDevice> = virtio
+        .devices()
+        .map(|d| acpi::MmioDevice {
+            base: d.mmio_base,
+            size: d.mmio_size,
+            irq: d.irq,
+        })
+        .collect();
+    let rsdp = acpi::setup(&mem, config.vcpus, &mmio)?;
+    boot::setup_zero_page(&mem, &kernel, cmdline.len(), initrd, &e820, Some(rsdp))?;
     log::info!("kernel entry {:#x}, cmdline: {cmdline}", kernel.entry);
     for e in &e820 {
         log::info!("e820 addr={:#x} size={:#x} type={}", e.addr, e.size, e.kind);
@@ -212,9 +230,17 @@ pub fn build_with(
         kbd_irq,
     )));
 
+    // The ACPI devices end the VM themselves, from the vCPU thread, so that
+    // the first of several guest events (pvpanic, then reset) is the one kept.
+    let control = VmControl::new().map_err(BuildError::EventFd)?;
+    let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(control.clone())));
+    let pvpanic = Arc::new(Mutex::new(PvPanic::new(control.clone())));
+
     let mut io_bus = Bus::new();
     io_bus.insert(serial.clone(), SERIAL_PORT, 8)?;
     io_bus.insert(i8042.clone(), I8042_PORT, 5)?;
+    io_bus.insert(pvpanic, PVPANIC_PORT, 1)?;
+    io_bus.insert(acpi_pm, ACPI_PM_PORT, ACPI_PM_PORTS)?;
     let io_bus = Arc::new(io_bus);
     let mmio_bus = Arc::new(mmio_bus);
 
@@ -228,7 +254,6 @@ pub fn build_with(
         vcpus.push(vcpu);
     }
 
-    let control = VmControl::new().map_err(BuildError::EventFd)?;
     crate::milestone!("vCPUs configured");
     Ok(Vm {
         config,

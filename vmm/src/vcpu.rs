@@ -7,6 +7,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -19,8 +20,13 @@ use crate::devices::bus::{lock, Bus};
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitOutcome {
-    /// The guest powered off or reset (i8042 reset, KVM system event).
-    GuestShutdown,
+    /// The guest powered off (ACPI S5, KVM_SYSTEM_EVENT_SHUTDOWN).
+    GuestPowerOff,
+    /// The guest reset, i.e. rebooted (i8042 reset command, ACPI reset
+    /// register, KVM_SYSTEM_EVENT_RESET).
+    GuestReset,
+    /// The guest kernel panicked (pvpanic, KVM_SYSTEM_EVENT_CRASH).
+    GuestPanic,
     /// The host asked the VMM to stop (signal or API).
     Stopped(String),
     TripleFault {
@@ -43,9 +49,32 @@ pub enum ExitOutcome {
     },
 }
 
+/// The VMM's exit statuses (README "Running a guest", docs/systemd.md).
+pub mod exit_status {
+    /// The guest powered off, or the host stopped the VM.
+    pub const SUCCESS: u8 = 0;
+    /// A VMM or host failure, or a guest fault (triple fault, emulation failure).
+    pub const FAILURE: u8 = 1;
+    /// Bad input: the configuration, a missing kernel or disk.
+    pub const BAD_INPUT: u8 = 2;
+    /// The guest rebooted: a supervisor should start it again.
+    pub const GUEST_RESET: u8 = 3;
+    /// The guest kernel panicked.
+    pub const GUEST_PANIC: u8 = 4;
+}
+
 impl ExitOutcome {
-    pub fn is_success(&self) -> bool {
-        matches!(self, ExitOutcome::GuestShutdown | ExitOutcome::Stopped(_))
+    /// The VMM's exit status for this outcome.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            ExitOutcome::GuestPowerOff | ExitOutcome::Stopped(_) => exit_status::SUCCESS,
+            ExitOutcome::GuestReset => exit_status::GUEST_RESET,
+            ExitOutcome::GuestPanic => exit_status::GUEST_PANIC,
+            ExitOutcome::TripleFault { .. }
+            | ExitOutcome::InternalError { .. }
+            | ExitOutcome::FailEntry { .. }
+            | ExitOutcome::Unexpected { .. } => exit_status::FAILURE,
+        }
     }
 }
 
@@ -63,7 +92,9 @@ fn fmt_rip(rip: &Option<u64>) -> String {
 impl std::fmt::Display for ExitOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ExitOutcome::GuestShutdown => write!(f, "guest shut down"),
+            ExitOutcome::GuestPowerOff => write!(f, "the guest powered off"),
+            ExitOutcome::GuestReset => write!(f, "the guest reset (reboot)"),
+            ExitOutcome::GuestPanic => write!(f, "the guest kernel panicked"),
             ExitOutcome::Stopped(why) => write!(f, "stopped: {why}"),
             ExitOutcome::TripleFault { vcpu, rip } => write!(
                 f,
@@ -103,13 +134,20 @@ fn suberror_name(s: u32) -> &'static str {
     }
 }
 
+/// How long a guest that reported a panic may run on (to flush its console
+/// and reboot) before the VMM stops it.
+pub const PANIC_GRACE: Duration = Duration::from_secs(5);
+
 /// State shared by the vCPU threads and whoever controls the VM.
 pub struct VmControl {
     stop: AtomicBool,
     paused: Mutex<bool>,
     resume: Condvar,
     outcome: Mutex<Option<ExitOutcome>>,
-    /// Written when the VM should stop; the main loop waits on it.
+    /// When the main loop stops a VM whose guest panicked but did not reset.
+    stop_deadline: Mutex<Option<Instant>>,
+    /// Written when the VM should stop (or a stop deadline was set); the
+    /// main loop waits on it.
     pub exit_evt: EventFd,
     threads: Mutex<Vec<libc::pthread_t>>,
 }
@@ -121,19 +159,23 @@ impl VmControl {
             paused: Mutex::new(false),
             resume: Condvar::new(),
             outcome: Mutex::new(None),
+            stop_deadline: Mutex::new(None),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             threads: Mutex::new(Vec::new()),
         }))
     }
 
+    /// Records `outcome` unless one is recorded already (the first wins).
+    fn record(&self, outcome: ExitOutcome) {
+        let mut o = lock(&self.outcome);
+        if o.is_none() {
+            *o = Some(outcome);
+        }
+    }
+
     /// Records why the VM stops (the first reason wins) and stops every vCPU.
     pub fn request_exit(&self, outcome: ExitOutcome) {
-        {
-            let mut o = lock(&self.outcome);
-            if o.is_none() {
-                *o = Some(outcome);
-            }
-        }
+        self.record(outcome);
         self.stop.store(true, Ordering::SeqCst);
         // Wake paused vCPUs so they can see the stop flag.
         self.resume.notify_all();
@@ -141,6 +183,28 @@ impl VmControl {
         if let Err(e) = self.exit_evt.write(1) {
             log::error!("cannot signal VM exit: {e}");
         }
+    }
+
+    /// The guest kernel says it panicked (pvpanic). Linux does that from a
+    /// panic notifier, before it flushes the console and before it reboots
+    /// (panic=N) or hangs (panic=0): the VM runs on for `PANIC_GRACE` so the
+    /// panic message reaches the serial log, and ends at the reset that
+    /// usually follows, still as a panic.
+    pub fn guest_panicked(&self) {
+        self.record(ExitOutcome::GuestPanic);
+        let mut d = lock(&self.stop_deadline);
+        if d.is_none() {
+            *d = Some(Instant::now() + PANIC_GRACE);
+        }
+        drop(d);
+        if let Err(e) = self.exit_evt.write(1) {
+            log::error!("cannot wake the VMM main loop: {e}");
+        }
+    }
+
+    /// When the main loop must stop the VM even if the guest does not.
+    pub fn stop_deadline(&self) -> Option<Instant> {
+        *lock(&self.stop_deadline)
     }
 
     pub fn outcome(&self) -> Option<ExitOutcome> {
@@ -355,15 +419,16 @@ impl Vcpu {
                 self.mmio_bus.write(addr, data);
                 None
             }
-            Ok(VcpuExit::Hlt) => Some(ExitOutcome::GuestShutdown),
+            // Only without an in-kernel LAPIC, which the builder always creates.
+            Ok(VcpuExit::Hlt) => Some(ExitOutcome::GuestPowerOff),
             Ok(VcpuExit::Shutdown) => Some(ExitOutcome::TripleFault {
                 vcpu: index,
                 rip: self.rip(),
             }),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
-                    Some(ExitOutcome::GuestShutdown)
-                }
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitOutcome::GuestPowerOff),
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitOutcome::GuestReset),
+                kvm_bindings::KVM_SYSTEM_EVENT_CRASH => Some(ExitOutcome::GuestPanic),
                 other => Some(ExitOutcome::Unexpected {
                     vcpu: index,
                     what: format!("KVM_EXIT_SYSTEM_EVENT type {other}"),

@@ -219,10 +219,14 @@ impl Vm {
         let mut events = vec![EpollEvent::default(); 8];
         while !self.control.stopping() {
             let now = Instant::now();
-            let wake = [sup.next_tick(), shutdown.deadline()]
-                .into_iter()
-                .flatten()
-                .min();
+            let wake = [
+                sup.next_tick(),
+                shutdown.deadline(),
+                self.control.stop_deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let n = match epoll.wait(wait_ms(wake, now), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -234,9 +238,13 @@ impl Vm {
             };
             for ev in &events[..n] {
                 match ev.data() {
+                    // A stop deadline was set (the loop condition sees a stop).
+                    TOKEN_EXIT => {
+                        let _ = self.control.exit_evt.read();
+                    }
                     TOKEN_RESET => {
                         let _ = self.reset_evt.read();
-                        self.control.request_exit(ExitOutcome::GuestShutdown);
+                        self.control.request_exit(ExitOutcome::GuestReset);
                     }
                     TOKEN_SIGNAL => {
                         if let Ok(Some(info)) = sigfd.read_signal() {
@@ -264,6 +272,13 @@ impl Vm {
                 }
             }
             let now = Instant::now();
+            if self.control.stop_deadline().is_some_and(|d| now >= d) && !self.control.stopping() {
+                log::warn!(
+                    "the guest kernel panicked and did not reset within {} s; stopping the VM",
+                    crate::vcpu::PANIC_GRACE.as_secs()
+                );
+                self.control.request_exit(ExitOutcome::GuestPanic);
+            }
             if shutdown.expired(now) && !self.control.stopping() {
                 let secs = shutdown.timeout().as_secs();
                 log::warn!("the guest did not shut down within {secs} s; stopping the VM");

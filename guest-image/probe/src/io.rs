@@ -19,6 +19,13 @@ const LSR_DATA_READY: u8 = 0x01;
 const LSR_THR_EMPTY: u8 = 0x20;
 const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
+/// ksmvm's ACPI sleep control register (FADT SLEEP_CONTROL_REG) and the
+/// S5 value: SLP_TYP 5 (the DSDT's `_S5_`) << 2 | SLP_EN.
+const ACPI_SLEEP_CONTROL: u16 = 0x600;
+const ACPI_S5: u8 = (5 << 2) | (1 << 5);
+/// pvpanic port and its PANICKED event.
+const PVPANIC: u16 = 0x505;
+const PVPANIC_PANICKED: u8 = 1;
 
 /// Writes `val` to I/O port `port`.
 #[inline(always)]
@@ -238,9 +245,19 @@ pub fn fault_triple() -> ! {
     unreachable!("the triple-fault service returned")
 }
 
-/// Prints `PROBE POWEROFF` and resets through the i8042 (the VMM exits 0).
+/// Prints `PROBE POWEROFF` and powers off through ACPI S5 (the VMM exits
+/// 0); resets through the i8042 if the VMM has no ACPI sleep register.
 pub fn power_off() -> ! {
     put_str("PROBE POWEROFF\n");
+    outb(ACPI_SLEEP_CONTROL, ACPI_S5);
+    reset()
+}
+
+/// Reports a kernel panic through pvpanic, then resets as Linux does with
+/// panic=-1 (the VMM exits 4: the panic came first).
+pub fn panic_reset() -> ! {
+    put_str("PROBE PANIC\n");
+    outb(PVPANIC, PVPANIC_PANICKED);
     reset()
 }
 

@@ -311,6 +311,11 @@ fn run_command(work: &mut Workload, devs: &mut Devices, cmd: &[u8]) {
         b"" => {}
         b"ping" => put_str("PROBE PONG\n"),
         b"poweroff" => io::power_off(),
+        b"reset" => {
+            put_str("PROBE RESET\n");
+            io::reset()
+        }
+        b"panic" => io::panic_reset(),
         b"verify" => {
             let (shared_sum, shared_ok) =
                 workload::verify(&work.pool, work.shared, DOMAIN_SHARED, work.profile);

@@ -7,9 +7,8 @@ use std::time::Duration;
 use super::{report_error, RunArgs};
 use crate::instance::{self, Instance, InstanceFile};
 use crate::service::SystemdSupervisor;
-
-/// Exit status for input the user can fix (matches `BuildError::exit_code`).
-const BAD_INPUT: u8 = 2;
+use crate::vcpu::exit_status::{BAD_INPUT, GUEST_PANIC, GUEST_RESET, SUCCESS};
+use crate::vcpu::ExitOutcome;
 
 /// The host's vCPU limit for validation; the MP table's when KVM cannot be
 /// asked (the builder checks KVM's own limit again).
@@ -60,17 +59,24 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
         }
     };
     match vm.run_supervised(Some(socket), inst.service.shutdown_timeout, &mut sup) {
-        Ok(outcome) if outcome.is_success() => {
-            log::info!("{outcome}");
-            ExitCode::SUCCESS
-        }
-        Ok(outcome) => {
-            report_error(&outcome);
-            ExitCode::FAILURE
-        }
+        Ok(outcome) => ExitCode::from(report_outcome(&outcome)),
         Err(e) => {
             report_error(&e);
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs how the VM ended and returns the VMM's exit status for it
+/// (`ExitOutcome::exit_status`: 0 power-off or host stop, 3 reboot,
+/// 4 kernel panic, 1 guest fault).
+fn report_outcome(outcome: &ExitOutcome) -> u8 {
+    let status = outcome.exit_status();
+    match status {
+        // A reboot is the guest's own wish: the supervisor starts it again.
+        SUCCESS | GUEST_RESET => log::info!("{outcome}"),
+        GUEST_PANIC => log::error!("{outcome}"),
+        _ => report_error(outcome),
+    }
+    status
 }

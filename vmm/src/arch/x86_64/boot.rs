@@ -264,13 +264,15 @@ pub fn load_command_line(
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cl).map_err(BootError::CmdlineLoad)
 }
 
-/// Writes boot_params: setup header, command line pointer, initrd and e820 map.
+/// Writes boot_params: setup header, command line pointer, initrd, e820 map
+/// and the ACPI RSDP's address (which saves Linux its scan of the BIOS area).
 pub fn setup_zero_page(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
     e820: &[E820Entry],
+    acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     if e820.len() > E820_MAX_ENTRIES {
         return Err(BootError::TooManyE820Entries(e820.len()));
@@ -297,6 +299,7 @@ pub fn setup_zero_page(
         slot.r#type = e.kind;
     }
     params.e820_entries = e820.len() as u8;
+    params.acpi_rsdp_addr = acpi_rsdp.unwrap_or(0);
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
         mem,
@@ -379,13 +382,14 @@ mod tests {
         ));
         load_command_line(&m, "console=ttyS0 probe.shared=4", &k).unwrap();
         let map = super::super::e820_map(32 << 20);
-        setup_zero_page(&m, &k, 28, Some((0x100_0000, 42)), &map).unwrap();
+        setup_zero_page(&m, &k, 28, Some((0x100_0000, 42)), &map, Some(0xe_0000)).unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ p.hdr.ramdisk_size }, 42);
         assert_eq!(p.e820_entries as usize, map.len());
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);
         assert_eq!({ p.e820_table[1].addr }, HIMEM_START);
         let mut cl = [0u8; 28];
         m.read_slice(&mut cl, GuestAddress(CMDLINE_START)).unwrap();

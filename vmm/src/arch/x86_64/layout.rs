@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! 0x0000_0000 ..0x0009_fc00  RAM (real-mode area; boot structures live here)
-//! 0x0009_fc00 ..0x0010_0000  EBDA (MP table) and legacy ROM/VGA hole, not RAM
+//! 0x0009_fc00 ..0x000e_0000  EBDA (MP table) and legacy VGA hole, not RAM
+//! 0x000e_0000 ..0x0010_0000  BIOS area: ACPI tables (RSDP first), not RAM
 //! 0x0010_0000 ..MMIO_GAP_START  RAM (kernel, initrd, guest)
 //! MMIO_GAP_START..4 GiB      32-bit MMIO gap: virtio-mmio devices, IOAPIC, LAPIC
 //! 4 GiB ..                   the rest of RAM
@@ -26,6 +27,11 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Extended BIOS data area: where the MP table goes.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables: the RSDP at the start of the BIOS area that Linux scans
+/// for it, the other tables after it. Outside the e820 RAM map, so the
+/// guest never reuses the memory.
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_END: u64 = 0x10_0000;
 /// Start of high memory: kernels are loaded at or above this address.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO gap.
@@ -42,6 +48,12 @@ pub const IRQ_I8042: u32 = 1;
 pub const IRQ_SERIAL: u32 = 4;
 pub const IRQ_VIRTIO_BASE: u32 = 5;
 pub const IRQ_MAX: u32 = 23;
+/// Hardware-reduced ACPI registers on the port I/O bus: sleep control,
+/// sleep status and reset, one byte each.
+pub const ACPI_PM_PORT: u64 = 0x600;
+pub const ACPI_PM_PORTS: u64 = 3;
+/// The pvpanic device's port (QEMU's default, what its guests expect).
+pub const PVPANIC_PORT: u64 = 0x505;
 /// IOAPIC and local APIC MMIO windows (fixed by the architecture).
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const APIC_ADDR: u64 = 0xfee0_0000;

@@ -1,6 +1,7 @@
 //! x86-64 boot setup: memory layout, zero page and e820 map, page tables and
-//! GDT, registers, CPUID, MSRs, LAPIC and the MP table.
+//! GDT, registers, CPUID, MSRs, LAPIC, the MP table and the ACPI tables.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod interrupts;

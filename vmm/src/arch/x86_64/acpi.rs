@@ -1,0 +1,275 @@
+//! ACPI tables in the BIOS area (RSDP, XSDT, FADT, MADT, DSDT), for kernels
+//! that find their CPUs, interrupt routing and devices through ACPI rather
+//! than the MP table (distribution kernels without CONFIG_X86_MPPARSE).
+//!
+//! The platform is hardware-reduced ACPI: no PM1 blocks, SCI or GPEs; the
+//! FADT's sleep control/status and reset registers are the `AcpiPm` device
+//! on the port I/O bus. The MADT describes the same CPUs, IOAPIC and NMI
+//! wiring as `mptable`, so a guest sees one machine whichever table it reads.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{Aml, AmlSink};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::{
+    ACPI_END, ACPI_PM_PORT, ACPI_START, APIC_ADDR, IOAPIC_ADDR, IRQ_I8042, IRQ_SERIAL, PVPANIC_PORT,
+};
+use super::mptable::MAX_CPUS;
+use crate::devices::acpi::{
+    OFS_RESET, OFS_SLEEP_CONTROL, OFS_SLEEP_STATUS, RESET_VALUE, S5_SLP_TYP,
+};
+
+pub const OEM_ID: [u8; 6] = *b"KSMVM ";
+pub const OEM_TABLE_ID: [u8; 8] = *b"KSMVM   ";
+const OEM_REVISION: u32 = 1;
+/// Tables start 16-byte aligned (the RSDP must be, the others like it).
+const ALIGN: u64 = 16;
+
+/// IAPC_BOOT_ARCH: an i8042 is present (without it Linux does not probe
+/// the controller unless ACPI PNP lists it), there is no VGA to probe and
+/// no CMOS RTC (ksmvm emulates neither; the clock is kvm-clock).
+const IAPC_8042: u16 = 1 << 1;
+const IAPC_NO_VGA: u16 = 1 << 2;
+const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
+/// MADT flags: the machine has (in-kernel) 8259 PICs as well.
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_LOCAL_APIC: u8 = 0;
+const MADT_IOAPIC: u8 = 1;
+const MADT_INT_SRC_OVERRIDE: u8 = 2;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+const MADT_CPU_ENABLED: u32 = 1;
+/// ISA IRQ 0 (the PIT) reaches IOAPIC pin 0 with the bus's default
+/// polarity and trigger, as KVM's default routing and the MP table have it.
+const TIMER_IRQ: u8 = 0;
+const MPS_INTI_CONFORMING: u16 = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("the ACPI tables describe at most {MAX_CPUS} vCPUs, {0} requested")]
+    TooManyCpus(u32),
+    #[error("the ACPI tables need {0} bytes, more than the BIOS area holds")]
+    TooLarge(u64),
+    #[error("cannot write the ACPI tables to guest memory: {0}")]
+    Memory(vm_memory::GuestMemoryError),
+}
+
+/// A virtio-mmio device, announced in the DSDT as Linux's "LNRO0005" (as
+/// well as on the command line): a hardware-reduced ACPI kernel has no
+/// legacy IRQ numbers, so only an ACPI resource maps its GSI to an IRQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDevice {
+    pub base: u64,
+    pub size: u64,
+    pub irq: u32,
+}
+
+/// The tables and where each goes; `rsdp` is the first.
+#[derive(Debug, Clone)]
+pub struct AcpiTables {
+    pub rsdp: u64,
+    pub tables: Vec<(u64, Vec<u8>)>,
+}
+
+/// Builds every table for `num_cpus` vCPUs and the given virtio devices.
+pub fn build(num_cpus: u32, virtio: &[MmioDevice]) -> Result<AcpiTables, AcpiError> {
+    if num_cpus == 0 || num_cpus > MAX_CPUS {
+        return Err(AcpiError::TooManyCpus(num_cpus));
+    }
+    let dsdt = dsdt(virtio);
+    let madt = madt(num_cpus);
+    let fadt_len = acpi_tables::fadt::FADT::len() as u64;
+    let xsdt_len = 36 + 8 * 2;
+
+    let mut next = ACPI_START;
+    let mut place = |len: u64| {
+        let at = next;
+        next = (at + len).next_multiple_of(ALIGN);
+        at
+    };
+    let rsdp_at = place(Rsdp::len() as u64);
+    let xsdt_at = place(xsdt_len);
+    let fadt_at = place(fadt_len);
+    let madt_at = place(madt.len() as u64);
+    let dsdt_at = place(dsdt.len() as u64);
+    if next > ACPI_END {
+        return Err(AcpiError::TooLarge(next - ACPI_START));
+    }
+
+    let fadt = to_bytes(&fadt(dsdt_at));
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_at);
+    xsdt.add_entry(madt_at);
+    let xsdt = to_bytes(&xsdt);
+    debug_assert_eq!(xsdt.len() as u64, xsdt_len);
+    let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_at));
+    Ok(AcpiTables {
+        rsdp: rsdp_at,
+        tables: vec![
+            (rsdp_at, rsdp),
+            (xsdt_at, xsdt),
+            (fadt_at, fadt),
+            (madt_at, madt.as_slice().to_vec()),
+            (dsdt_at, dsdt.as_slice().to_vec()),
+        ],
+    })
+}
+
+/// Writes the tables into guest memory; returns the RSDP's address.
+pub fn setup(
+    mem: &GuestMemoryMmap,
+    num_cpus: u32,
+    virtio: &[MmioDevice],
+) -> Result<u64, AcpiError> {
+    let t = build(num_cpus, virtio)?;
+    for (addr, bytes) in &t.tables {
+        mem.write_slice(bytes, GuestAddress(*addr))
+            .map_err(AcpiError::Memory)?;
+    }
+    Ok(t.rsdp)
+}
+
+fn to_bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+fn io_register(port: u64) -> GAS {
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
+}
+
+fn fadt(dsdt_at: u64) -> impl Aml {
+    let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_at)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        // No fixed-feature power or sleep button.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    f.iapc_boot_arch = (IAPC_8042 | IAPC_NO_VGA | IAPC_NO_CMOS_RTC).into();
+    f.reset_reg = io_register(ACPI_PM_PORT + OFS_RESET);
+    f.reset_value = RESET_VALUE;
+    f.sleep_control_reg = io_register(ACPI_PM_PORT + OFS_SLEEP_CONTROL);
+    f.sleep_status_reg = io_register(ACPI_PM_PORT + OFS_SLEEP_STATUS);
+    f.finalize()
+}
+
+fn madt(num_cpus: u32) -> Sdt {
+    let mut t = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    t.write_u32(36, APIC_ADDR as u32);
+    t.write_u32(40, MADT_PCAT_COMPAT);
+    // APIC IDs 0..num_cpus and the IOAPIC's ID after them, as in the MP table.
+    for cpu in 0..num_cpus as u8 {
+        let mut e = vec![MADT_LOCAL_APIC, 8, cpu, cpu];
+        e.extend_from_slice(&MADT_CPU_ENABLED.to_le_bytes());
+        t.append_slice(&e);
+    }
+    let mut e = vec![MADT_IOAPIC, 12, num_cpus as u8, 0];
+    e.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
+    e.extend_from_slice(&0u32.to_le_bytes()); // GSI base
+    t.append_slice(&e);
+    let mut e = vec![MADT_INT_SRC_OVERRIDE, 10, 0, TIMER_IRQ];
+    e.extend_from_slice(&u32::from(TIMER_IRQ).to_le_bytes());
+    e.extend_from_slice(&MPS_INTI_CONFORMING.to_le_bytes());
+    t.append_slice(&e);
+    // NMI on LINT1 of every processor (UID 0xff), like the MP table's entry.
+    let mut e = vec![MADT_LOCAL_APIC_NMI, 6, 0xff];
+    e.extend_from_slice(&MPS_INTI_CONFORMING.to_le_bytes());
+    e.push(1);
+    t.append_slice(&e);
+    t
+}
+
+/// An ISA-style interrupt: edge triggered, active high, not shared.
+fn edge_high(irq: u32) -> aml::Interrupt {
+    aml::Interrupt::new(true, true, false, false, irq)
+}
+
+/// AML already serialised (names built at run time borrow nothing).
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// Device `Vnnn` (the index) with the window and GSI of one virtio device.
+fn virtio_device((index, d): (usize, &MmioDevice)) -> RawAml {
+    let uid = index as u32;
+    let name = format!("V{:03}", index % 1000);
+    // One statement: the builders borrow their temporaries.
+    RawAml(to_bytes(&aml::Device::new(
+        name.as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &uid),
+            // virtio-mmio DMA is cache coherent.
+            &aml::Name::new("_CCA".into(), &aml::ONE),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::Memory32Fixed::new(true, d.base as u32, d.size as u32),
+                    &edge_high(d.irq),
+                ]),
+            ),
+        ],
+    )))
+}
+
+/// `Device(name) { _HID, _CRS }` with the given resources.
+fn legacy_device(name: &str, hid: &dyn Aml, resources: Vec<&dyn Aml>) -> RawAml {
+    RawAml(to_bytes(&aml::Device::new(
+        name.into(),
+        vec![
+            &aml::Name::new("_HID".into(), hid),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(resources)),
+        ],
+    )))
+}
+
+/// The DSDT: the `_S5_` sleep package and, in `\_SB`, the legacy devices
+/// Linux finds through PNP ACPI, the pvpanic device and the virtio devices.
+fn dsdt(virtio: &[MmioDevice]) -> Sdt {
+    let com1 = legacy_device(
+        "COM1",
+        &aml::EISAName::new("PNP0501"),
+        vec![&aml::IO::new(0x3f8, 0x3f8, 1, 8), &edge_high(IRQ_SERIAL)],
+    );
+    // Data port first, then command/status: the order i8042-acpipnpio reads.
+    let kbd = legacy_device(
+        "PS2K",
+        &aml::EISAName::new("PNP0303"),
+        vec![
+            &aml::IO::new(0x60, 0x60, 1, 1),
+            &aml::IO::new(0x64, 0x64, 1, 1),
+            &edge_high(IRQ_I8042),
+        ],
+    );
+    let port = PVPANIC_PORT as u16;
+    let pvpanic = legacy_device("PEVT", &"QEMU0001", vec![&aml::IO::new(port, port, 1, 1)]);
+    let virtio_devs: Vec<RawAml> = virtio.iter().enumerate().map(virtio_device).collect();
+
+    let mut sb: Vec<&dyn Aml> = vec![&com1, &kbd, &pvpanic];
+    sb.extend(virtio_devs.iter().map(|d| d as &dyn Aml));
+    let mut body = to_bytes(&aml::Scope::new("\\_SB_".into(), sb));
+    // SLP_TYPa, SLP_TYPb and two reserved entries; only SLP_TYPa is used
+    // with the hardware-reduced sleep control register.
+    body.extend(to_bytes(&aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&S5_SLP_TYP, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
+    )));
+
+    // Revision 2: 64-bit AML integers.
+    let mut t = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    t.append_slice(&body);
+    t
+}
+
+#[cfg(test)]
+mod tests;
