@@ -4,7 +4,7 @@ PROBE := guest-image/probe/target/release/probe
 KSMVM := target/vmm/ksmvm
 BENCH := target/release/ksmvm-bench
 
-.PHONY: all build ksmvm probe demo test fuzz lint fmt kernel clean
+.PHONY: all build ksmvm probe demo test test-probe test-linux linux-lane fuzz lint fmt kernel clean
 
 all: build
 
@@ -31,8 +31,30 @@ demo: build
 kernel:
 	guest-image/linux/fetch-debian-kernel.sh
 
-test: probe kernel
+# Both lanes (docs/testing.md): the probe lane on this host's /dev/kvm,
+# then the real-Linux lane.
+test: test-probe test-linux
+
+test-probe: probe kernel
 	$(CARGO) test --workspace -- --test-threads=2
+
+# The real-Linux lane (tests/real_linux.rs, docs/testing.md): unmodified
+# Linux guests to user space. Each test runs in a fresh test host (QEMU/TCG
+# with AMD SVM, tests/testhost) or, on a host with vmx/svm, directly.
+# TESTS=substring picks tests.
+TESTS ?=
+linux-lane:
+	bash tests/testhost/prepare.sh >/dev/null
+	bash guest-image/kernel/build-kernel.sh >/dev/null
+	bash guest-image/linux/fetch-debian-kernel.sh >/dev/null
+	bash guest-image/linux/make-test-initramfs.sh >/dev/null
+
+test-linux: linux-lane
+	$(CARGO) build --release -p ksmvm-testhost -p ksmvm --bin ksmvm-testhost --bin ksmvm
+	bin="$$($(CARGO) test --release -p ksmvm --features real-linux --test real_linux --no-run 2>&1 | \
+		sed -n 's/.*Executable .*(\(.*\))$$/\1/p')"; \
+	test -x "$$bin" || { echo "cannot build tests/real_linux.rs" >&2; exit 1; }; \
+	target/release/ksmvm-testhost suite $(if $(TESTS),--filter $(TESTS)) -- "$$bin"
 
 # Fuzz every virtio target for FUZZ_SECONDS each (not part of CI; needs
 # `cargo install cargo-fuzz`). Figures per target: docs/fuzzing.md.
@@ -43,6 +65,7 @@ fuzz:
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p ksmvm --features real-linux --test real_linux -- -D warnings
 	cd guest-image/probe && $(CARGO) fmt --check && $(CARGO) clippy --release -- -D warnings
 
 fmt:

@@ -70,25 +70,29 @@ fn boot_and_check(name: &str, kernel: Kernel, vcpus: u32, mem_mib: u64) {
         g.boot.memtotal_kb
     );
     // The kernel saw exactly the e820 map ksmvm built.
-    let built: Vec<String> = g
-        .vm
-        .stderr_text()
-        .lines()
-        .filter_map(|l| {
-            l.split_once(" e820 addr=")
-                .map(|(_, r)| kernel_e820_line(&format!("addr={r}")))
-        })
-        .collect();
-    let seen: Vec<String> = g
-        .vm
-        .seen
-        .iter()
-        .filter_map(|l| l.split_once("BIOS-e820: ").map(|(_, r)| format!("BIOS-e820: {r}")))
-        .filter(|l| l.ends_with("usable"))
-        .collect();
+    let built: Vec<String> =
+        g.vm.stderr_text()
+            .lines()
+            .filter_map(|l| {
+                l.split_once(" e820 addr=")
+                    .map(|(_, r)| kernel_e820_line(&format!("addr={r}")))
+            })
+            .collect();
+    let seen: Vec<String> =
+        g.vm.seen
+            .iter()
+            .filter_map(|l| {
+                l.split_once("BIOS-e820: ")
+                    .map(|(_, r)| format!("BIOS-e820: {r}"))
+            })
+            .filter(|l| l.ends_with("usable"))
+            .collect();
     assert!(!built.is_empty(), "{name}: ksmvm logged no e820 entries");
     assert_eq!(seen, built, "{name}: e820 map");
-    eprintln!("{name}: booted to init in {:.1} s", g.booted_in.as_secs_f64());
+    eprintln!(
+        "{name}: booted to init in {:.1} s",
+        g.booted_in.as_secs_f64()
+    );
     let stderr = g.poweroff();
     assert!(stderr.contains("powered off"), "{name}: {stderr}");
 }
@@ -132,7 +136,10 @@ fn block_and_rng_with_linux_drivers() {
     let dir = TempDir::new("rl-blk");
     let rw = dir.path("rw.img");
     let ro = dir.path("ro.img");
-    std::fs::File::create(&rw).unwrap().set_len(64 * MIB).unwrap();
+    std::fs::File::create(&rw)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
     std::fs::write(&ro, vec![0x5au8; MIB as usize]).unwrap();
     let mut g = LinuxGuest::boot(
         "blk",
@@ -150,7 +157,10 @@ fn block_and_rng_with_linux_drivers() {
     let want = "ksmvm-block-pattern\n".repeat(4 * MIB as usize / 20 + 1);
     let want = &want.as_bytes()[..4 * MIB as usize];
     let on_disk = std::fs::read(&rw).unwrap();
-    assert!(on_disk[..want.len()] == *want, "the host image holds the guest's bytes");
+    assert!(
+        on_disk[..want.len()] == *want,
+        "the host image holds the guest's bytes"
+    );
     assert_eq!(sum.len(), 32, "md5 {sum}");
     let blocks_written = std::fs::metadata(&rw).unwrap().blocks();
     assert!(blocks_written >= 4 * MIB / 512, "{blocks_written} blocks");
@@ -172,7 +182,8 @@ fn block_and_rng_with_linux_drivers() {
     // Entropy from the virtio rng through Linux's hw_random core.
     let current: String = g.value("cat /sys/class/misc/hw_random/rng_current");
     assert!(current.starts_with("virtio_rng"), "{current}");
-    let hex: String = g.value("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n'");
+    let hex: String =
+        g.value("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n'");
     assert_eq!(hex.len(), 128, "{hex}");
     assert_ne!(hex, "0".repeat(128));
     g.poweroff();
@@ -205,7 +216,10 @@ fn net_ping_and_tcp_over_a_tap() {
     let mut g = LinuxGuest::wait_for_init("net", Vmm::spawn_in_netns(&ns, &args));
     g.ok("ip link set eth0 up && ip addr add fe80::2/64 dev eth0");
     let out = g.ok("ping -c 3 -w 30 -I eth0 fe80::1");
-    assert!(out.iter().any(|l| l.contains("3 packets received")), "{out:#?}");
+    assert!(
+        out.iter().any(|l| l.contains("3 packets received")),
+        "{out:#?}"
+    );
 
     // A listener in the namespace: setns on a thread of its own.
     let nsfile = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
@@ -213,7 +227,10 @@ fn net_ping_and_tcp_over_a_tap() {
     let server = std::thread::spawn(move || {
         use std::os::fd::AsRawFd;
         // SAFETY: setns on this thread only, with a netns fd we opened.
-        assert_eq!(unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        assert_eq!(
+            unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
         let l = std::net::TcpListener::bind("[::]:5001").unwrap();
         tx.send(()).unwrap();
         let (mut s, _) = l.accept().unwrap();
@@ -265,7 +282,14 @@ fn balloon_inflate_deflate_and_stats() {
     let mut g = LinuxGuest::boot(
         "balloon",
         &Kernel::Ksmvm,
-        &["--mem-mib", "512", "--balloon", "stats-interval-s=1", "--name", "bal"],
+        &[
+            "--mem-mib",
+            "512",
+            "--balloon",
+            "stats-interval-s=1",
+            "--name",
+            "bal",
+        ],
     );
     let api = g.vm.api("bal");
     // Touch most of RAM so that the host has it resident, then free it.
@@ -273,15 +297,23 @@ fn balloon_inflate_deflate_and_stats() {
     let total0 = g.meminfo_kb("MemTotal");
     let rss0 = guest_rss(&api);
     api.set_balloon(128).expect("PUT /balloon");
-    wait_for("balloon inflated to 128 MiB", Duration::from_secs(60), || {
-        api.balloon().is_ok_and(|b| b.actual_mib >= 128)
-    });
+    wait_for(
+        "balloon inflated to 128 MiB",
+        Duration::from_secs(60),
+        || api.balloon().is_ok_and(|b| b.actual_mib >= 128),
+    );
     let total1 = g.meminfo_kb("MemTotal");
     let rss1 = guest_rss(&api);
-    assert!(total0 - total1 >= 120 * 1024, "MemTotal {total0} -> {total1} KiB");
+    assert!(
+        total0 - total1 >= 120 * 1024,
+        "MemTotal {total0} -> {total1} KiB"
+    );
     assert!(rss0 >= rss1 + 100 * MIB, "guest RAM Rss {rss0} -> {rss1}");
     let stats = api.stats().unwrap();
-    assert!(stats.balloon.is_some(), "no guest statistics in /stats: {stats:?}");
+    assert!(
+        stats.balloon.is_some(),
+        "no guest statistics in /stats: {stats:?}"
+    );
     api.set_balloon(0).expect("PUT /balloon 0");
     wait_for("balloon deflated", Duration::from_secs(60), || {
         api.balloon().is_ok_and(|b| b.actual_mib == 0)
@@ -300,7 +332,14 @@ fn balloon_free_page_reporting() {
     let mut g = LinuxGuest::boot(
         "fpr",
         &Kernel::Ksmvm,
-        &["--mem-mib", "512", "--balloon", "free-page-reporting=on", "--name", "fpr"],
+        &[
+            "--mem-mib",
+            "512",
+            "--balloon",
+            "free-page-reporting=on",
+            "--name",
+            "fpr",
+        ],
     );
     let api = g.vm.api("fpr");
     g.ok("dd if=/dev/zero of=/dev/shm/fill bs=1M count=256 2>/dev/null");
@@ -309,7 +348,11 @@ fn balloon_free_page_reporting() {
     wait_for("freed pages reported", Duration::from_secs(90), || {
         guest_rss(&api) + 200 * MIB <= full
     });
-    eprintln!("fpr: guest RAM Rss {} -> {} MiB", full / MIB, guest_rss(&api) / MIB);
+    eprintln!(
+        "fpr: guest RAM Rss {} -> {} MiB",
+        full / MIB,
+        guest_rss(&api) / MIB
+    );
     g.poweroff();
 }
 
@@ -322,7 +365,10 @@ fn graceful_stop_through_ctrl_alt_del() {
     }
     let dir = TempDir::new("rl-stop");
     let img = dir.path("data.img");
-    std::fs::File::create(&img).unwrap().set_len(16 * MIB).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
     let mut g = LinuxGuest::boot(
         "stop",
         &Kernel::Ksmvm,
@@ -342,11 +388,20 @@ fn graceful_stop_through_ctrl_alt_del() {
     let took = t0.elapsed();
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("Ctrl-Alt-Del"), "{stderr}");
-    assert!(!stderr.contains("did not shut down"), "timeout path taken: {stderr}");
+    assert!(
+        !stderr.contains("did not shut down"),
+        "timeout path taken: {stderr}"
+    );
     assert!(took < Duration::from_secs(60), "took {took:?}");
-    eprintln!("stop: SIGTERM to exit {:.1} s (the guest's own shutdown)", took.as_secs_f64());
+    eprintln!(
+        "stop: SIGTERM to exit {:.1} s (the guest's own shutdown)",
+        took.as_secs_f64()
+    );
     let data = std::fs::read(&img).unwrap();
-    assert!(data.starts_with(b"ksmvm-graceful-stop-marker\n"), "disk not flushed");
+    assert!(
+        data.starts_with(b"ksmvm-graceful-stop-marker\n"),
+        "disk not flushed"
+    );
 }
 
 /// A reboot in the guest and a guest kernel panic end the VMM with their
@@ -385,7 +440,11 @@ fn ksm_merges_three_real_guests() {
     // reliable (tests/testhost/README.md).
     for i in 0..3 {
         let name = format!("k{i}");
-        let mut g = LinuxGuest::boot(&name, &Kernel::Ksmvm, &["--mem-mib", "384", "--name", &name]);
+        let mut g = LinuxGuest::boot(
+            &name,
+            &Kernel::Ksmvm,
+            &["--mem-mib", "384", "--name", &name],
+        );
         g.ok("seq 1 20000000 | head -c 100663296 >/dev/shm/data");
         guests.push(g);
     }
@@ -393,16 +452,23 @@ fn ksm_merges_three_real_guests() {
         .iter_mut()
         .map(|g| g.value("md5sum /dev/shm/data | cut -d' ' -f1"))
         .collect();
-    assert!(sums.iter().all(|s| *s == sums[0] && s.len() == 32), "{sums:?}");
+    assert!(
+        sums.iter().all(|s| *s == sums[0] && s.len() == 32),
+        "{sums:?}"
+    );
     let apis: Vec<_> = (0..3).map(|i| guests[i].vm.api(&format!("k{i}"))).collect();
-    wait_for("96 MiB merged in each guest", Duration::from_secs(300), || {
-        apis.iter().all(|a| {
-            a.stats()
-                .ok()
-                .and_then(|s| s.guest_ram.ksm)
-                .is_some_and(|m| m >= 80 * MIB)
-        })
-    });
+    wait_for(
+        "96 MiB merged in each guest",
+        Duration::from_secs(300),
+        || {
+            apis.iter().all(|a| {
+                a.stats()
+                    .ok()
+                    .and_then(|s| s.guest_ram.ksm)
+                    .is_some_and(|m| m >= 80 * MIB)
+            })
+        },
+    );
     for (i, a) in apis.iter().enumerate() {
         let s = a.stats().unwrap();
         let merged = s.guest_ram.ksm.unwrap();
@@ -413,7 +479,10 @@ fn ksm_merges_three_real_guests() {
             s.merged_fraction.unwrap_or(0.0) * 100.0,
             s.effective_bytes.map(|b| b / MIB)
         );
-        assert!(s.effective_bytes.is_some(), "no effective cost on this kernel: {s:?}");
+        assert!(
+            s.effective_bytes.is_some(),
+            "no effective cost on this kernel: {s:?}"
+        );
     }
     for (g, want) in guests.iter_mut().zip(&sums) {
         let now: String = g.value("md5sum /dev/shm/data | cut -d' ' -f1");
@@ -423,7 +492,11 @@ fn ksm_merges_three_real_guests() {
         .args(["ksm", "status", "--json", "--window-ms", "0"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let sysfs = |k: &str| -> u64 {
         std::fs::read_to_string(format!("/sys/kernel/mm/ksm/{k}"))
@@ -432,9 +505,16 @@ fn ksm_merges_three_real_guests() {
             .parse()
             .unwrap()
     };
-    assert_eq!(report["settings"]["pages_to_scan"], sysfs("pages_to_scan"), "{report}");
+    assert_eq!(
+        report["settings"]["pages_to_scan"],
+        sysfs("pages_to_scan"),
+        "{report}"
+    );
     let shared = report["counters"]["pages_shared"].as_u64().unwrap();
-    assert!(shared > 0 && shared.abs_diff(sysfs("pages_shared")) < 2000, "{report}");
+    assert!(
+        shared > 0 && shared.abs_diff(sysfs("pages_shared")) < 2000,
+        "{report}"
+    );
     drop(ksm);
     for g in guests {
         g.poweroff();

@@ -9,9 +9,8 @@
 #               kernel messages on the console (dmesg -n 1), prints
 #                 KSMVM-T boot nproc=N online=LIST memtotal_kb=N
 #                 KSMVM-T cmdline <the kernel command line>
-#                 KSMVM-T ready
-#               then reads lines from the console, runs each with eval and
-#               answers "KSMVM-T rc=N" after each.
+#   once        /etc/loop: prints "KSMVM-T ready", then reads lines from
+#               the console, runs each with eval and answers "KSMVM-T rc=N".
 #   ctrlaltdel  poweroff: a graceful stop. The VMM's Ctrl-Alt-Del (SIGTERM)
 #               reaches init as SIGINT through the i8042 keyboard.
 #   shutdown    /etc/rc.shutdown: prints "KSMVM-T shutdown", syncs,
@@ -60,6 +59,7 @@ done
 
 cat >"$root/etc/inittab" <<'INITTAB'
 ::sysinit:/etc/rc
+::once:/etc/loop
 ::ctrlaltdel:/bin/poweroff
 ::shutdown:/etc/rc.shutdown
 ::restart:/bin/false
@@ -79,12 +79,19 @@ dmesg -n 1
 stty -echo 2>/dev/null
 echo "KSMVM-T boot nproc=$(grep -c ^processor /proc/cpuinfo) online=$(cat /sys/devices/system/cpu/online) memtotal_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
 echo "KSMVM-T cmdline $(cat /proc/cmdline)"
+RC
+
+# A `once` action, not part of sysinit: init handles its signals (poweroff,
+# Ctrl-Alt-Del) only after every sysinit action has ended.
+cat >"$root/etc/loop" <<'LOOP'
+#!/bin/sh
+export PATH=/bin
 echo "KSMVM-T ready"
 while read -r line; do
     eval "$line"
     echo "KSMVM-T rc=$?"
 done
-RC
+LOOP
 
 cat >"$root/etc/rc.shutdown" <<'SHUT'
 #!/bin/sh
@@ -92,7 +99,7 @@ echo "KSMVM-T shutdown"
 sync
 mount -o remount,ro / 2>/dev/null
 SHUT
-chmod 0755 "$root/etc/rc" "$root/etc/rc.shutdown"
+chmod 0755 "$root/etc/rc" "$root/etc/loop" "$root/etc/rc.shutdown"
 find "$root" -exec touch -h -d @0 {} +
 (cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
     cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -9 -n >"$tmp/out.cpio.gz"

@@ -142,7 +142,10 @@ impl LinuxGuest {
             .unwrap_or_default();
         vm.expect_line_containing("KSMVM-T ready", CMD_LIMIT);
         let booted_in = start.elapsed();
-        eprintln!("{name}: init reached in {:.1} s: {boot:?}", booted_in.as_secs_f64());
+        eprintln!(
+            "{name}: init reached in {:.1} s: {boot:?}",
+            booted_in.as_secs_f64()
+        );
         LinuxGuest {
             vm,
             boot,
@@ -189,7 +192,10 @@ impl LinuxGuest {
     pub fn finish(mut self, line: &str) -> (ExitStatus, String) {
         self.vm.send(line);
         let r = self.vm.wait_keeping(CMD_LIMIT);
-        keep_artefact(&format!("{}.serial.log", self.name), &self.vm.seen.join("\n"));
+        keep_artefact(
+            &format!("{}.serial.log", self.name),
+            &self.vm.seen.join("\n"),
+        );
         r
     }
 
@@ -205,7 +211,10 @@ impl LinuxGuest {
 impl Drop for LinuxGuest {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            keep_artefact(&format!("{}.serial.log", self.name), &self.vm.seen.join("\n"));
+            keep_artefact(
+                &format!("{}.serial.log", self.name),
+                &self.vm.seen.join("\n"),
+            );
         }
     }
 }

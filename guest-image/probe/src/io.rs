@@ -19,10 +19,10 @@ const LSR_DATA_READY: u8 = 0x01;
 const LSR_THR_EMPTY: u8 = 0x20;
 const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
-/// ksmvm's ACPI sleep control register (FADT SLEEP_CONTROL_REG) and the
-/// S5 value: SLP_TYP 5 (the DSDT's `_S5_`) << 2 | SLP_EN.
-const ACPI_SLEEP_CONTROL: u16 = 0x600;
-const ACPI_S5: u8 = (5 << 2) | (1 << 5);
+/// ksmvm's ACPI PM1a control register (FADT PM1a_CNT_BLK) and the S5
+/// value: SLP_TYP 5 (the DSDT's `_S5_`) << 10 | SLP_EN.
+const ACPI_PM1A_CNT: u16 = 0x604;
+const ACPI_S5: u16 = (5 << 10) | (1 << 13);
 /// pvpanic port and its PANICKED event.
 const PVPANIC: u16 = 0x505;
 const PVPANIC_PANICKED: u8 = 1;
@@ -34,6 +34,16 @@ pub fn outb(port: u16, val: u8) {
     // it drives (UART, PIC, i8042); `out` accesses no memory.
     unsafe {
         asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Writes the 16-bit `val` to I/O port `port`.
+#[inline(always)]
+pub fn outw(port: u16, val: u16) {
+    // SAFETY: as for `outb`: a port of a device the probe drives; `out`
+    // accesses no memory.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") val, options(nomem, nostack, preserves_flags))
     }
 }
 
@@ -249,7 +259,7 @@ pub fn fault_triple() -> ! {
 /// 0); resets through the i8042 if the VMM has no ACPI sleep register.
 pub fn power_off() -> ! {
     put_str("PROBE POWEROFF\n");
-    outb(ACPI_SLEEP_CONTROL, ACPI_S5);
+    outw(ACPI_PM1A_CNT, ACPI_S5);
     reset()
 }
 

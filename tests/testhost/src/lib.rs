@@ -173,7 +173,9 @@ impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Fault::Died(how) => write!(f, "the test host died before the command finished ({how})"),
-            Fault::TimedOut(t) => write!(f, "the test host did not finish within {} s", t.as_secs()),
+            Fault::TimedOut(t) => {
+                write!(f, "the test host did not finish within {} s", t.as_secs())
+            }
         }
     }
 }
@@ -254,8 +256,10 @@ impl TestHost {
         let _ = fs::remove_dir_all(&scratch);
         fs::create_dir_all(scratch.join("artefacts")).map_err(io_err(&scratch))?;
         let mut job = job.clone();
-        job.env
-            .push(("KSMVM_ARTEFACTS".into(), scratch.join("artefacts").display().to_string()));
+        job.env.push((
+            "KSMVM_ARTEFACTS".into(),
+            scratch.join("artefacts").display().to_string(),
+        ));
         job.env.push(("KSMVM_TESTHOST".into(), "1".into()));
         let cmd_sh = scratch.join("cmd.sh");
         fs::write(&cmd_sh, job.script()).map_err(io_err(&cmd_sh))?;
@@ -370,7 +374,10 @@ fn qemu_args(image: &Image, cfg: &Config, scratch: &Path, console: &Path) -> Vec
         s("-initrd"),
         image.dir.join("initrd.cpio.gz").display().to_string(),
         s("-append"),
-        format!("console=ttyS0 panic=-1 ksmvm_th.scratch={}", scratch.display()),
+        format!(
+            "console=ttyS0 panic=-1 ksmvm_th.scratch={}",
+            scratch.display()
+        ),
         s("-virtfs"),
         s("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"),
         s("-virtfs"),

@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand};
 use ksmvm_testhost::{Config, Error, Image, Job, Run, TestHost};
 
 #[derive(Parser)]
-#[command(name = "ksmvm-testhost", about = "Run commands in the hardware-virtualised test host")]
+#[command(
+    name = "ksmvm-testhost",
+    about = "Run commands in the hardware-virtualised test host"
+)]
 struct Cli {
     /// Test-host memory in MiB.
     #[arg(long, default_value_t = 6144, global = true)]
@@ -113,7 +116,12 @@ fn config(cli: &Cli, timeout: Duration) -> Config {
 fn run_one(cli: &Cli, timeout: u64, argv: &[String]) -> Result<ExitCode, Error> {
     let image = image(cli)?;
     let cfg = config(cli, Duration::from_secs(timeout));
-    let run = TestHost::run(&image, &cfg, &Job::here(argv.to_vec()), &mut std::io::stdout())?;
+    let run = TestHost::run(
+        &image,
+        &cfg,
+        &Job::here(argv.to_vec()),
+        &mut std::io::stdout(),
+    )?;
     report_warnings(&run);
     match run.result {
         Ok(rc) => {
@@ -121,7 +129,10 @@ fn run_one(cli: &Cli, timeout: u64, argv: &[String]) -> Result<ExitCode, Error> 
             Ok(ExitCode::from(u8::try_from(rc).unwrap_or(1)))
         }
         Err(f) => {
-            eprintln!("ksmvm-testhost: {f}; console log: {}", run.console.display());
+            eprintln!(
+                "ksmvm-testhost: {f}; console log: {}",
+                run.console.display()
+            );
             print_tail(&run.console, 30);
             Ok(ExitCode::from(1))
         }
@@ -194,7 +205,9 @@ fn suite(
     direct: bool,
     test_bin: &[String],
 ) -> Result<ExitCode, Error> {
-    let (bin, extra) = test_bin.split_first().expect("clap requires the test binary");
+    let (bin, extra) = test_bin
+        .split_first()
+        .expect("clap requires the test binary");
     let tests = list_tests(bin, filter)?;
     if tests.is_empty() {
         eprintln!("ksmvm-testhost: {bin} lists no test");
@@ -239,7 +252,10 @@ fn suite(
                         Err(fault) => {
                             print_tail(&run.console, 30);
                             let kept = keep(&run, artefacts, &format!("{name}.try{attempt}"));
-                            println!("{name}: TEST-HOST FAULT: {fault}; logs kept in {}", kept.display());
+                            println!(
+                                "{name}: TEST-HOST FAULT: {fault}; logs kept in {}",
+                                kept.display()
+                            );
                             if attempt == 1 {
                                 retries += 1;
                                 println!("{name}: RETRY on a fresh test host (a documented test-host fault, not a ksmvm error)");
@@ -302,7 +318,11 @@ mod tests {
         // This very test binary is one.
         let me = std::env::current_exe().unwrap();
         let all = list_tests(me.to_str().unwrap(), None).unwrap();
-        assert!(all.iter().any(|t| t.ends_with("lists_the_tests_of_a_libtest_binary")), "{all:?}");
+        assert!(
+            all.iter()
+                .any(|t| t.ends_with("lists_the_tests_of_a_libtest_binary")),
+            "{all:?}"
+        );
         let none = list_tests(me.to_str().unwrap(), Some("no-such-test")).unwrap();
         assert!(none.is_empty());
     }

@@ -1,15 +1,20 @@
-//! The hardware-reduced ACPI registers (sleep control, sleep status, reset)
+//! The ACPI PM1 registers (event and control blocks) and reset register,
 //! and the pvpanic device: how a guest tells the VMM that it powered off,
 //! reset or panicked. Every value comes from the guest: anything but the
-//! documented writes is ignored (logged at debug level).
+//! documented accesses is ignored (logged at debug level).
+//!
+//! The PM1 blocks are those of a legacy (not hardware-reduced) ACPI
+//! platform: a hardware-reduced FADT makes Linux drop the 8259 PIC and with
+//! it the ISA IRQ numbers that the serial port, the i8042 and the
+//! `virtio_mmio.device=` entries use.
 
 use std::sync::Arc;
 
 use super::bus::BusDevice;
 use crate::vcpu::{ExitOutcome, VmControl};
 
-/// SLP_TYP of the DSDT's `_S5_` package: the value a guest writes to the
-/// sleep control register to power off.
+/// SLP_TYP of the DSDT's `_S5_` package: the value a guest writes into
+/// PM1_CNT to power off.
 pub const S5_SLP_TYP: u8 = 5;
 /// The FADT's RESET_VALUE, written to the reset register.
 pub const RESET_VALUE: u8 = 1;
@@ -17,57 +22,77 @@ pub const RESET_VALUE: u8 = 1;
 pub const PVPANIC_PANICKED: u8 = 1 << 0;
 pub const PVPANIC_CRASH_LOADED: u8 = 1 << 1;
 
-/// Register offsets from `layout::ACPI_PM_PORT`.
-pub const OFS_SLEEP_CONTROL: u64 = 0;
-pub const OFS_SLEEP_STATUS: u64 = 1;
-pub const OFS_RESET: u64 = 2;
+/// Register offsets from `layout::ACPI_PM_PORT`: PM1a_EVT_BLK (status,
+/// enable: 2 bytes each), PM1a_CNT_BLK (2 bytes), the reset register.
+pub const OFS_PM1_STS: u64 = 0;
+pub const OFS_PM1_EN: u64 = 2;
+pub const OFS_PM1_CNT: u64 = 4;
+pub const OFS_RESET: u64 = 6;
+pub const PM1_EVT_LEN: u8 = 4;
+pub const PM1_CNT_LEN: u8 = 2;
 
-/// Sleep control register fields (ACPI 6.5, 4.8.3.7).
-const SLP_TYP_SHIFT: u8 = 2;
-const SLP_TYP_MASK: u8 = 0x7 << SLP_TYP_SHIFT;
-const SLP_EN: u8 = 1 << 5;
+/// PM1_CNT fields (ACPI 6.5, 4.8.3.2.1).
+const SCI_EN: u16 = 1;
+const SLP_TYP_SHIFT: u16 = 10;
+const SLP_TYP_MASK: u16 = 0x7 << SLP_TYP_SHIFT;
+const SLP_EN: u16 = 1 << 13;
 
-/// The value that powers the guest off; the reserved bits do not matter.
-pub const fn s5_sleep_control_value() -> u8 {
-    (S5_SLP_TYP << SLP_TYP_SHIFT) | SLP_EN
+/// The PM1_CNT value that powers the guest off.
+pub const fn s5_pm1_cnt_value() -> u16 {
+    ((S5_SLP_TYP as u16) << SLP_TYP_SHIFT) | SLP_EN
 }
 
-/// The sleep control, sleep status and reset registers, one byte each.
+/// PM1 status/enable/control and the reset register.
 pub struct AcpiPm {
     control: Arc<VmControl>,
+    /// PM1_EN as the guest last wrote it (no event is ever raised).
+    enable: u16,
+    /// PM1_CNT's SLP_TYP as last written (Linux writes it, then SLP_EN).
+    slp_typ: u16,
 }
 
 impl AcpiPm {
     pub fn new(control: Arc<VmControl>) -> Self {
-        Self { control }
+        Self {
+            control,
+            enable: 0,
+            slp_typ: 0,
+        }
     }
 }
 
 impl BusDevice for AcpiPm {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        // No sleep state was entered and none is woken from: WAK_STS reads 0,
-        // and the write-only registers read as 0.
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
+        // The platform is always in ACPI mode (no SMI_CMD): SCI_EN reads 1.
+        let value = match offset {
+            OFS_PM1_EN => self.enable,
+            OFS_PM1_CNT => SCI_EN | self.slp_typ,
+            _ => return,
+        };
+        if let [lo, hi] = data {
+            [*lo, *hi] = value.to_le_bytes();
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let &[value] = data else {
-            log::debug!(
-                "ACPI PM: ignoring a {}-byte write at offset {offset}",
-                data.len()
-            );
-            return;
-        };
-        match offset {
-            OFS_SLEEP_CONTROL if value & (SLP_TYP_MASK | SLP_EN) == s5_sleep_control_value() => {
-                self.control.request_exit(ExitOutcome::GuestPowerOff);
+        match (offset, data) {
+            // Write-1-to-clear, and no status bit is ever set.
+            (OFS_PM1_STS, [_, _]) => {}
+            (OFS_PM1_EN, [lo, hi]) => self.enable = u16::from_le_bytes([*lo, *hi]),
+            (OFS_PM1_CNT, [lo, hi]) => {
+                let v = u16::from_le_bytes([*lo, *hi]);
+                self.slp_typ = v & SLP_TYP_MASK;
+                if v & (SLP_TYP_MASK | SLP_EN) == s5_pm1_cnt_value() {
+                    self.control.request_exit(ExitOutcome::GuestPowerOff);
+                } else if v & SLP_EN != 0 {
+                    log::debug!("ACPI PM: ignoring sleep request {v:#06x} (only S5 is supported)");
+                }
             }
-            // WAK_STS is write-1-to-clear and never set: nothing to do.
-            OFS_SLEEP_STATUS => {}
-            OFS_RESET if value == RESET_VALUE => {
+            (OFS_RESET, [v]) if *v == RESET_VALUE => {
                 self.control.request_exit(ExitOutcome::GuestReset);
             }
-            _ => log::debug!("ACPI PM: ignoring write {value:#04x} at offset {offset}"),
+            _ => log::debug!("ACPI PM: ignoring write {data:02x?} at offset {offset}"),
         }
     }
 }

@@ -337,7 +337,10 @@ mod tests {
         let a = s.sample().unwrap();
         assert_eq!(a.ksm.ksm_merging_pages, Some(3072));
         assert_eq!(a.guest_ram.ksm, Some(3072 * 4096));
-        assert_eq!(a.ksm_metadata_bytes, Some(16384 * super::super::RMAP_ITEM_BYTES));
+        assert_eq!(
+            a.ksm_metadata_bytes,
+            Some(16384 * super::super::RMAP_ITEM_BYTES)
+        );
         assert!(a.merged_fraction.is_some_and(|f| f > 0.0));
         assert!(a.effective_bytes.is_some() && a.ksm_saved_bytes.is_some());
         std::fs::write(dir.join("ksm_merging_pages"), "junk\n").unwrap();

@@ -2,9 +2,12 @@
 //! that find their CPUs, interrupt routing and devices through ACPI rather
 //! than the MP table (distribution kernels without CONFIG_X86_MPPARSE).
 //!
-//! The platform is hardware-reduced ACPI: no PM1 blocks, SCI or GPEs; the
-//! FADT's sleep control/status and reset registers are the `AcpiPm` device
-//! on the port I/O bus. The MADT describes the same CPUs, IOAPIC and NMI
+//! The platform is legacy (not hardware-reduced) ACPI, like a PC: PM1a
+//! event and control blocks, an SCI (never raised), no GPEs, and a reset
+//! register, all on the `AcpiPm` device. A hardware-reduced FADT would make
+//! Linux drop the 8259 PIC and with it the ISA IRQs of the serial port, the
+//! i8042 and the command-line virtio devices (measured: ttyS0 lost its
+//! input, the i8042 probe failed with -EINVAL). The MADT describes the same CPUs, IOAPIC and NMI
 //! wiring as `mptable`, so a guest sees one machine whichever table it reads.
 
 use acpi_tables::aml;
@@ -17,11 +20,12 @@ use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
-    ACPI_END, ACPI_PM_PORT, ACPI_START, APIC_ADDR, IOAPIC_ADDR, IRQ_I8042, IRQ_SERIAL, PVPANIC_PORT,
+    ACPI_END, ACPI_PM_PORT, ACPI_START, APIC_ADDR, IOAPIC_ADDR, IRQ_ACPI_SCI, IRQ_I8042,
+    IRQ_SERIAL, PVPANIC_PORT,
 };
 use super::mptable::MAX_CPUS;
 use crate::devices::acpi::{
-    OFS_RESET, OFS_SLEEP_CONTROL, OFS_SLEEP_STATUS, RESET_VALUE, S5_SLP_TYP,
+    OFS_PM1_CNT, OFS_PM1_STS, OFS_RESET, PM1_CNT_LEN, PM1_EVT_LEN, RESET_VALUE, S5_SLP_TYP,
 };
 
 pub const OEM_ID: [u8; 6] = *b"KSMVM ";
@@ -47,6 +51,10 @@ const MADT_CPU_ENABLED: u32 = 1;
 /// polarity and trigger, as KVM's default routing and the MP table have it.
 const TIMER_IRQ: u8 = 0;
 const MPS_INTI_CONFORMING: u16 = 0;
+/// The SCI: level triggered, active high, as PCs (and QEMU) declare it.
+const MPS_INTI_LEVEL_HIGH: u16 = 0b1101;
+/// The FACS must be 64-byte aligned.
+const FACS_ALIGN: u64 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
@@ -59,8 +67,9 @@ pub enum AcpiError {
 }
 
 /// A virtio-mmio device, announced in the DSDT as Linux's "LNRO0005" (as
-/// well as on the command line): a hardware-reduced ACPI kernel has no
-/// legacy IRQ numbers, so only an ACPI resource maps its GSI to an IRQ.
+/// well as on the command line): an ACPI kernel maps GSIs above 15 to IRQs
+/// only for devices ACPI names, so the command line alone is not enough
+/// for the later devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmioDevice {
     pub base: u64,
@@ -86,21 +95,23 @@ pub fn build(num_cpus: u32, virtio: &[MmioDevice]) -> Result<AcpiTables, AcpiErr
     let xsdt_len = 36 + 8 * 2;
 
     let mut next = ACPI_START;
-    let mut place = |len: u64| {
-        let at = next;
-        next = (at + len).next_multiple_of(ALIGN);
+    let mut place = |len: u64, align: u64| {
+        let at = next.next_multiple_of(align);
+        next = at + len;
         at
     };
-    let rsdp_at = place(Rsdp::len() as u64);
-    let xsdt_at = place(xsdt_len);
-    let fadt_at = place(fadt_len);
-    let madt_at = place(madt.len() as u64);
-    let dsdt_at = place(dsdt.len() as u64);
+    let rsdp_at = place(Rsdp::len() as u64, ALIGN);
+    let facs_at = place(acpi_tables::facs::FACS::len() as u64, FACS_ALIGN);
+    let xsdt_at = place(xsdt_len, ALIGN);
+    let fadt_at = place(fadt_len, ALIGN);
+    let madt_at = place(madt.len() as u64, ALIGN);
+    let dsdt_at = place(dsdt.len() as u64, ALIGN);
     if next > ACPI_END {
         return Err(AcpiError::TooLarge(next - ACPI_START));
     }
 
-    let fadt = to_bytes(&fadt(dsdt_at));
+    let fadt = to_bytes(&fadt(dsdt_at, facs_at));
+    let facs = to_bytes(&acpi_tables::facs::FACS::new());
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_at);
     xsdt.add_entry(madt_at);
@@ -111,6 +122,7 @@ pub fn build(num_cpus: u32, virtio: &[MmioDevice]) -> Result<AcpiTables, AcpiErr
         rsdp: rsdp_at,
         tables: vec![
             (rsdp_at, rsdp),
+            (facs_at, facs),
             (xsdt_at, xsdt),
             (fadt_at, fadt),
             (madt_at, madt.as_slice().to_vec()),
@@ -139,23 +151,36 @@ fn to_bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-fn io_register(port: u64) -> GAS {
-    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
+fn io_register(port: u64, bytes: u8) -> GAS {
+    let access = match bytes {
+        1 => AccessSize::ByteAccess,
+        2 => AccessSize::WordAccess,
+        _ => AccessSize::DwordAccess,
+    };
+    GAS::new(AddressSpace::SystemIo, bytes * 8, 0, access, port)
 }
 
-fn fadt(dsdt_at: u64) -> impl Aml {
+fn fadt(dsdt_at: u64, facs_at: u64) -> impl Aml {
     let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_at)
-        .flag(Flags::HwReducedAcpi)
+        .firmware_ctrl_64(facs_at)
         .flag(Flags::ResetRegSup)
         // No fixed-feature power or sleep button.
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
     f.iapc_boot_arch = (IAPC_8042 | IAPC_NO_VGA | IAPC_NO_CMOS_RTC).into();
-    f.reset_reg = io_register(ACPI_PM_PORT + OFS_RESET);
+    // No SMI_CMD: the platform is in ACPI mode from the start.
+    f.sci_int = (IRQ_ACPI_SCI as u16).into();
+    let evt = ACPI_PM_PORT + OFS_PM1_STS;
+    let cnt = ACPI_PM_PORT + OFS_PM1_CNT;
+    f.pm1a_evt_blk = (evt as u32).into();
+    f.pm1_evt_len = PM1_EVT_LEN;
+    f.x_pm1a_evt_blk = io_register(evt, PM1_EVT_LEN);
+    f.pm1a_cnt_blk = (cnt as u32).into();
+    f.pm1_cnt_len = PM1_CNT_LEN;
+    f.x_pm1a_cnt_blk = io_register(cnt, PM1_CNT_LEN);
+    f.reset_reg = io_register(ACPI_PM_PORT + OFS_RESET, 1);
     f.reset_value = RESET_VALUE;
-    f.sleep_control_reg = io_register(ACPI_PM_PORT + OFS_SLEEP_CONTROL);
-    f.sleep_status_reg = io_register(ACPI_PM_PORT + OFS_SLEEP_STATUS);
     f.finalize()
 }
 
@@ -173,10 +198,15 @@ fn madt(num_cpus: u32) -> Sdt {
     e.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
     e.extend_from_slice(&0u32.to_le_bytes()); // GSI base
     t.append_slice(&e);
-    let mut e = vec![MADT_INT_SRC_OVERRIDE, 10, 0, TIMER_IRQ];
-    e.extend_from_slice(&u32::from(TIMER_IRQ).to_le_bytes());
-    e.extend_from_slice(&MPS_INTI_CONFORMING.to_le_bytes());
-    t.append_slice(&e);
+    for (irq, flags) in [
+        (TIMER_IRQ, MPS_INTI_CONFORMING),
+        (IRQ_ACPI_SCI as u8, MPS_INTI_LEVEL_HIGH),
+    ] {
+        let mut e = vec![MADT_INT_SRC_OVERRIDE, 10, 0, irq];
+        e.extend_from_slice(&u32::from(irq).to_le_bytes());
+        e.extend_from_slice(&flags.to_le_bytes());
+        t.append_slice(&e);
+    }
     // NMI on LINT1 of every processor (UID 0xff), like the MP table's entry.
     let mut e = vec![MADT_LOCAL_APIC_NMI, 6, 0xff];
     e.extend_from_slice(&MPS_INTI_CONFORMING.to_le_bytes());
@@ -258,8 +288,7 @@ fn dsdt(virtio: &[MmioDevice]) -> Sdt {
     let mut sb: Vec<&dyn Aml> = vec![&com1, &kbd, &pvpanic];
     sb.extend(virtio_devs.iter().map(|d| d as &dyn Aml));
     let mut body = to_bytes(&aml::Scope::new("\\_SB_".into(), sb));
-    // SLP_TYPa, SLP_TYPb and two reserved entries; only SLP_TYPa is used
-    // with the hardware-reduced sleep control register.
+    // SLP_TYPa, SLP_TYPb and two reserved entries; there is no PM1b block.
     body.extend(to_bytes(&aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&S5_SLP_TYP, &aml::ZERO, &aml::ZERO, &aml::ZERO]),

@@ -48,10 +48,24 @@ pub const IRQ_I8042: u32 = 1;
 pub const IRQ_SERIAL: u32 = 4;
 pub const IRQ_VIRTIO_BASE: u32 = 5;
 pub const IRQ_MAX: u32 = 23;
-/// Hardware-reduced ACPI registers on the port I/O bus: sleep control,
-/// sleep status and reset, one byte each.
+
+/// The IRQ of virtio device `index`: IRQ_VIRTIO_BASE upwards, skipping
+/// the ACPI SCI.
+pub const fn virtio_irq(index: u32) -> u32 {
+    let irq = IRQ_VIRTIO_BASE + index;
+    if irq >= IRQ_ACPI_SCI {
+        irq + 1
+    } else {
+        irq
+    }
+}
+/// ACPI PM registers on the port I/O bus: PM1a event block (4 bytes),
+/// PM1a control block (2 bytes) and the reset register (devices::acpi).
 pub const ACPI_PM_PORT: u64 = 0x600;
-pub const ACPI_PM_PORTS: u64 = 3;
+pub const ACPI_PM_PORTS: u64 = 8;
+/// The ACPI SCI, where PCs have it. ksmvm never raises it, but Linux
+/// claims it, so no virtio device gets it (see `virtio_irq`).
+pub const IRQ_ACPI_SCI: u32 = 9;
 /// The pvpanic device's port (QEMU's default, what its guests expect).
 pub const PVPANIC_PORT: u64 = 0x505;
 /// IOAPIC and local APIC MMIO windows (fixed by the architecture).

@@ -9,19 +9,27 @@ fn pm() -> (AcpiPm, Arc<VmControl>) {
 #[test]
 fn s5_powers_off() {
     let (mut dev, control) = pm();
-    // Linux clears WAK_STS first, then writes SLP_TYP=5 | SLP_EN.
-    dev.write(OFS_SLEEP_STATUS, &[0x80]);
+    // Linux clears PM1 status, writes SLP_TYP, then SLP_TYP | SLP_EN.
+    dev.write(OFS_PM1_STS, &[0xff, 0xff]);
+    dev.write(OFS_PM1_CNT, &(5u16 << 10).to_le_bytes());
     assert!(!control.stopping());
-    dev.write(OFS_SLEEP_CONTROL, &[0x34]);
+    let mut b = [0u8; 2];
+    dev.read(OFS_PM1_CNT, &mut b);
+    assert_eq!(
+        u16::from_le_bytes(b),
+        (5 << 10) | 1,
+        "SLP_TYP kept, SCI_EN set"
+    );
+    dev.write(OFS_PM1_CNT, &0x3401u16.to_le_bytes());
     assert!(control.stopping());
     assert_eq!(control.outcome(), Some(ExitOutcome::GuestPowerOff));
-    assert_eq!(s5_sleep_control_value(), 0x34);
+    assert_eq!(s5_pm1_cnt_value(), 0x3400);
 }
 
 #[test]
-fn reserved_sleep_control_bits_do_not_matter() {
+fn other_pm1_cnt_bits_do_not_matter() {
     let (mut dev, control) = pm();
-    dev.write(OFS_SLEEP_CONTROL, &[0x34 | 0xc3]);
+    dev.write(OFS_PM1_CNT, &(0x3400u16 | 0xc3ff).to_le_bytes());
     assert_eq!(control.outcome(), Some(ExitOutcome::GuestPowerOff));
 }
 
@@ -35,42 +43,55 @@ fn reset_register_resets() {
 #[test]
 fn hostile_pm_writes_are_ignored() {
     let (mut dev, control) = pm();
-    // Other sleep types, SLP_TYP without SLP_EN, SLP_EN alone.
+    // Other sleep types with SLP_EN, SLP_TYP 5 without it, SLP_EN alone.
     for v in [
-        0x20 | (1 << 2),
-        0x20 | (3 << 2),
-        5 << 2,
-        0x20,
-        0x00,
-        !0x20u8,
+        (1u16 << 10) | (1 << 13),
+        (3 << 10) | (1 << 13),
+        (7 << 10) | (1 << 13),
+        5 << 10,
+        1 << 13,
+        0,
+        !(1u16 << 13),
     ] {
-        dev.write(OFS_SLEEP_CONTROL, &[v]);
+        dev.write(OFS_PM1_CNT, &v.to_le_bytes());
     }
     for v in [0u8, 2, 0x06, 0xfe, 0xff] {
         dev.write(OFS_RESET, &[v]);
     }
     // The right values at the wrong width or offset.
-    dev.write(OFS_SLEEP_CONTROL, &[0x34, 0]);
-    dev.write(OFS_SLEEP_CONTROL, &[0x34, 0, 0, 0]);
+    dev.write(OFS_PM1_CNT, &[0x00]);
+    dev.write(OFS_PM1_CNT + 1, &[0x34]);
+    dev.write(OFS_PM1_CNT, &[0x00, 0x34, 0, 0]);
     dev.write(OFS_RESET, &[RESET_VALUE, 0]);
-    dev.write(OFS_SLEEP_CONTROL, &[]);
-    dev.write(OFS_SLEEP_STATUS, &[0x34]);
-    dev.write(OFS_SLEEP_STATUS, &[RESET_VALUE]);
-    dev.write(3, &[0x34]);
+    dev.write(OFS_PM1_CNT, &[]);
+    dev.write(OFS_PM1_STS, &0x3400u16.to_le_bytes());
+    dev.write(OFS_PM1_EN, &0x3400u16.to_le_bytes());
+    dev.write(OFS_PM1_STS, &[RESET_VALUE]);
+    dev.write(7, &[RESET_VALUE]);
     dev.write(u64::MAX, &[RESET_VALUE]);
     assert!(!control.stopping());
     assert_eq!(control.outcome(), None);
 }
 
 #[test]
-fn pm_registers_read_zero_at_any_width() {
+fn pm_registers_read_what_was_written_or_zero() {
     let (mut dev, _control) = pm();
-    for ofs in [OFS_SLEEP_CONTROL, OFS_SLEEP_STATUS, OFS_RESET, 7] {
+    dev.write(OFS_PM1_EN, &0x0121u16.to_le_bytes());
+    let mut b = [0xaa; 2];
+    dev.read(OFS_PM1_EN, &mut b);
+    assert_eq!(u16::from_le_bytes(b), 0x0121);
+    for ofs in [OFS_PM1_STS, OFS_RESET, 7, u64::MAX] {
         for len in [0, 1, 2, 4, 8] {
             let mut b = vec![0xaa; len];
             dev.read(ofs, &mut b);
             assert!(b.iter().all(|x| *x == 0), "offset {ofs} len {len}");
         }
+    }
+    // Odd widths of the 16-bit registers read zero.
+    for len in [1, 4, 8] {
+        let mut b = vec![0xaa; len];
+        dev.read(OFS_PM1_CNT, &mut b);
+        assert!(b.iter().all(|x| *x == 0), "PM1_CNT len {len}");
     }
 }
 

@@ -23,7 +23,9 @@ use super::device::VirtioDevice;
 use super::event_loop::{self, EventLoopError, EventLoopHandle, LoopDevice};
 use super::interrupt::Interrupt;
 use super::mmio::{MmioTransport, TransportError, REG_QUEUE_NOTIFY};
-use crate::arch::x86_64::layout::{IRQ_MAX, IRQ_VIRTIO_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::arch::x86_64::layout::{
+    virtio_irq, IRQ_ACPI_SCI, IRQ_MAX, IRQ_VIRTIO_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
 use crate::devices::bus::{Bus, BusError};
 
 /// The KVM calls the manager needs; implemented for `VmFd`, faked in tests.
@@ -73,7 +75,7 @@ impl DeviceInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
-    #[error("too many virtio devices: IRQs {IRQ_VIRTIO_BASE}-{IRQ_MAX} allow at most {max}")]
+    #[error("too many virtio devices: IRQs {IRQ_VIRTIO_BASE}-{IRQ_MAX} but the SCI ({IRQ_ACPI_SCI}) allow at most {max}")]
     TooMany { max: usize },
     #[error("cannot create EventFds for virtio device {index}: {source}")]
     EventFd { index: usize, source: io::Error },
@@ -100,8 +102,9 @@ pub enum ManagerError {
     Bus { index: usize, source: BusError },
 }
 
-/// The most devices that fit: one IRQ each from IRQ_VIRTIO_BASE to IRQ_MAX.
-pub const MAX_DEVICES: usize = (IRQ_MAX - IRQ_VIRTIO_BASE + 1) as usize;
+/// The most devices that fit: one IRQ each from IRQ_VIRTIO_BASE to IRQ_MAX,
+/// less the ACPI SCI's.
+pub const MAX_DEVICES: usize = (IRQ_MAX - IRQ_VIRTIO_BASE) as usize;
 
 /// The VM's virtio devices, before they start running.
 pub struct VirtioDevices {
@@ -137,7 +140,7 @@ impl VirtioDevices {
             device_type: device.device_type(),
             mmio_base: VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
             mmio_size: VIRTIO_MMIO_SIZE,
-            irq: IRQ_VIRTIO_BASE + index as u32,
+            irq: virtio_irq(index as u32),
         };
         let evt_err = |source| ManagerError::EventFd { index, source };
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(evt_err)?;

@@ -1,5 +1,8 @@
 use super::*;
 use crate::arch::x86_64::layout::EBDA_START;
+use crate::devices::acpi::{
+    OFS_PM1_CNT, OFS_PM1_STS, OFS_RESET, PM1_CNT_LEN, PM1_EVT_LEN, RESET_VALUE,
+};
 
 fn sum(b: &[u8]) -> u8 {
     b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
@@ -105,22 +108,64 @@ fn pointers_resolve_and_checksums_hold() {
 }
 
 #[test]
-fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
+fn fadt_has_pm1_blocks_an_sci_a_facs_and_a_reset_register() {
     let (g, rsdp) = Guest::new(2, &[]);
     let (fadt, _, _) = g.walk(rsdp);
     assert_eq!(fadt.len(), 276);
     assert_eq!(fadt[8], 6, "FADT major version");
     let flags = u32_at(&fadt, 112);
-    assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+    assert_eq!(
+        flags & (1 << 20),
+        0,
+        "not HW_REDUCED_ACPI: Linux keeps the 8259 and ISA IRQs"
+    );
     assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
     let boot_arch = u16::from_le_bytes([fadt[109], fadt[110]]);
     assert_ne!(boot_arch & (1 << 1), 0, "8042 present");
-    // Generic address structures: SystemIO, 8 bits, byte access.
+    assert_eq!(
+        u16::from_le_bytes([fadt[46], fadt[47]]),
+        IRQ_ACPI_SCI as u16,
+        "SCI_INT"
+    );
+    assert_eq!(u32_at(&fadt, 48), 0, "no SMI_CMD: always in ACPI mode");
+    assert_eq!(
+        u32_at(&fadt, 56) as u64,
+        ACPI_PM_PORT + OFS_PM1_STS,
+        "PM1a_EVT_BLK"
+    );
+    assert_eq!(
+        u32_at(&fadt, 64) as u64,
+        ACPI_PM_PORT + OFS_PM1_CNT,
+        "PM1a_CNT_BLK"
+    );
+    assert_eq!((fadt[88], fadt[89]), (PM1_EVT_LEN, PM1_CNT_LEN));
+    // Generic address structures: (SystemIO, bits, access size, address).
     let gas = |at: usize| (fadt[at], fadt[at + 1], fadt[at + 3], u64_at(&fadt, at + 4));
     assert_eq!(gas(116), (1, 8, 1, ACPI_PM_PORT + OFS_RESET), "RESET_REG");
     assert_eq!(fadt[128], RESET_VALUE);
-    assert_eq!(gas(244), (1, 8, 1, ACPI_PM_PORT + OFS_SLEEP_CONTROL));
-    assert_eq!(gas(256), (1, 8, 1, ACPI_PM_PORT + OFS_SLEEP_STATUS));
+    assert_eq!(
+        gas(148),
+        (1, 32, 3, ACPI_PM_PORT + OFS_PM1_STS),
+        "X_PM1a_EVT_BLK"
+    );
+    assert_eq!(
+        gas(172),
+        (1, 16, 2, ACPI_PM_PORT + OFS_PM1_CNT),
+        "X_PM1a_CNT_BLK"
+    );
+    assert_eq!(
+        gas(244),
+        (0, 0, 0, 0),
+        "no hardware-reduced sleep control register"
+    );
+    // The FACS, 64-byte aligned, inside the BIOS area.
+    let facs = u64_at(&fadt, 132);
+    assert_eq!(facs % 64, 0);
+    assert!((ACPI_START..ACPI_END).contains(&facs));
+    let mut head = [0u8; 8];
+    g.mem.read_slice(&mut head, GuestAddress(facs)).unwrap();
+    assert_eq!(&head[..4], b"FACS");
+    assert_eq!(u32::from_le_bytes(head[4..8].try_into().unwrap()), 64);
 }
 
 #[test]
@@ -150,8 +195,9 @@ fn madt_matches_the_mp_table() {
         let want: Vec<_> = (0..cpus as u8).map(|i| (i, i, 1)).collect();
         assert_eq!(lapics, want, "one enabled LAPIC per vCPU, APIC ID = index");
         assert_eq!(ioapics, vec![(cpus as u8, IOAPIC_ADDR as u32, 0)]);
-        // Identity routing of the timer, as the MP table and KVM have it.
-        assert_eq!(overrides, vec![(0, 0, 0, 0)]);
+        // Identity routing of the timer, as the MP table and KVM have it,
+        // and the SCI level triggered, active high.
+        assert_eq!(overrides, vec![(0, 0, 0, 0), (0, 9, 9, 0b1101)]);
         assert_eq!(nmis, vec![(0xff, 1)], "NMI on LINT1 of every CPU");
     }
 }
@@ -232,7 +278,7 @@ fn iasl_disassembles_every_table() {
     let t = build(2, &virtio(2)).unwrap();
     // The RSDP has no table header, so iasl cannot read it from a file;
     // `pointers_resolve_and_checksums_hold` checks it.
-    let names = ["xsdt", "facp", "apic", "dsdt"];
+    let names = ["facs", "xsdt", "facp", "apic", "dsdt"];
     for ((_, bytes), name) in t.tables.iter().skip(1).zip(names) {
         let file = dir.join(format!("{name}.dat"));
         std::fs::write(&file, bytes).unwrap();

@@ -124,17 +124,20 @@ fn the_irq_range_limits_the_device_count() {
             .add(Rng::new(), &mut bus, &vm, &mut cmdline)
             .unwrap();
     }
-    assert_eq!(MAX_DEVICES, 19);
+    assert_eq!(MAX_DEVICES, 18);
     assert_eq!(
         cmdline.last().unwrap(),
-        "virtio_mmio.device=4K@0xc0012000:23"
+        "virtio_mmio.device=4K@0xc0011000:23"
     );
+    // IRQ 9 is the ACPI SCI: the fifth device gets 10.
+    assert_eq!(cmdline[4], "virtio_mmio.device=4K@0xc0004000:10");
+    assert!(!cmdline.iter().any(|c| c.ends_with(":9")));
     let e = devices
         .add(Rng::new(), &mut bus, &vm, &mut cmdline)
         .unwrap_err();
     assert_eq!(
         e.to_string(),
-        "too many virtio devices: IRQs 5-23 allow at most 19"
+        "too many virtio devices: IRQs 5-23 but the SCI (9) allow at most 18"
     );
     assert_eq!(cmdline.len(), MAX_DEVICES);
 }
