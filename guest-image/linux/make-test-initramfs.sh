@@ -73,10 +73,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/shm /dev/pts
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs -o mode=1777,size=80% tmpfs /dev/shm
+mount -t tmpfs -o mode=1777,size=80% tmpfs /tmp
 dmesg -n 1
-stty -echo 2>/dev/null
 echo "KSMVM-T boot nproc=$(grep -c ^processor /proc/cpuinfo) online=$(cat /sys/devices/system/cpu/online) memtotal_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
 echo "KSMVM-T cmdline $(cat /proc/cmdline)"
 RC
@@ -86,6 +85,8 @@ RC
 cat >"$root/etc/loop" <<'LOOP'
 #!/bin/sh
 export PATH=/bin
+# init gives each action a freshly set-up console: no echo of our input.
+stty -echo 2>/dev/null
 echo "KSMVM-T ready"
 while read -r line; do
     eval "$line"

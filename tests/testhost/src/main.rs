@@ -51,7 +51,7 @@ enum Cmd {
         /// Where the console and guest logs of failed tests are kept.
         #[arg(long, default_value = "target/testhost-artefacts")]
         artefacts: PathBuf,
-        /// Only tests whose name contains this.
+        /// Only tests whose name contains this (or one of these, comma-separated).
         #[arg(long)]
         filter: Option<String>,
         /// Run the tests on this host, without QEMU (the default where
@@ -167,7 +167,7 @@ fn list_tests(bin: &str, filter: Option<&str>) -> Result<Vec<String>, Error> {
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.strip_suffix(": test"))
-        .filter(|n| filter.is_none_or(|f| n.contains(f)))
+        .filter(|n| filter.is_none_or(|f| f.split(',').any(|f| n.contains(f))))
         .map(str::to_owned)
         .collect())
 }
