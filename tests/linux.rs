@@ -25,26 +25,6 @@ fn script_output(script: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn hardware_virt() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| {
-            c.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-        })
-        .unwrap_or(false)
-}
-
-/// The kernel's rendering of one of our e820 entries.
-fn kernel_e820_line(l: &str) -> String {
-    let addr = hex_field(l, "addr");
-    let size = hex_field(l, "size");
-    format!(
-        "BIOS-e820: [mem {addr:#018x}-{:#018x}] usable",
-        addr + size - 1
-    )
-}
-
 #[test]
 fn debian_kernel_sees_our_cmdline_and_e820_map() {
     if !have_kvm() {

@@ -20,16 +20,6 @@ use support::*;
 
 const MIB: u64 = 1 << 20;
 
-/// The kernel's rendering of one of the e820 entries ksmvm logged.
-fn kernel_e820_line(l: &str) -> String {
-    let addr = hex_field(l, "addr");
-    let size = hex_field(l, "size");
-    format!(
-        "BIOS-e820: [mem {addr:#018x}-{:#018x}] usable",
-        addr + size - 1
-    )
-}
-
 /// Boots `kernel` with `vcpus` and `mem_mib`; checks the CPUs, memory and
 /// command line the guest reports, then powers it off through ACPI.
 fn boot_and_check(name: &str, kernel: Kernel, vcpus: u32, mem_mib: u64) {
@@ -214,7 +204,7 @@ fn net_ping_and_tcp_over_a_tap() {
         &Kernel::Ksmvm,
         &["--net", "tap=ksmtap0,mac=52:54:00:12:34:56"],
     );
-    let mut g = LinuxGuest::wait_for_init("net", Vmm::spawn_in_netns(&ns, &args));
+    let mut g = LinuxGuest::spawn_until_init("net", || Vmm::spawn_in_netns(&ns, &args));
     g.ok("ip link set eth0 up && ip addr add fe80::2/64 dev eth0");
     // The address is usable once duplicate address detection is done.
     g.ok("for i in $(seq 1 30); do ip -6 addr show dev eth0 | grep -q tentative || break; sleep 1; done");

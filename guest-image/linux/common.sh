@@ -19,6 +19,19 @@ die() {
     exit 1
 }
 
+# only_help_flag "$@": -h/--help prints the calling script's header comment
+# (line 2 up to `set -euo`); no other argument is accepted.
+only_help_flag() {
+    case "${1:-}" in
+    "") ;;
+    -h | --help)
+        sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+        exit 0
+        ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+    esac
+}
+
 is_root() { [[ "$(id -u)" == 0 ]]; }
 
 # Absolute path of the cache directory; does not create it.

@@ -29,14 +29,7 @@ source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 
 MARKER="KSMVM-INITRAMFS-OK"
 
-case "${1:-}" in
-"") ;;
--h | --help)
-    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
-    exit 0
-    ;;
-*) die "unknown argument: $1 (see --help)" ;;
-esac
+only_help_flag "$@"
 
 CACHE="$(cache_dir)"
 BUSYBOX="$CACHE/busybox-static"

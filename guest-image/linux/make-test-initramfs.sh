@@ -28,14 +28,7 @@ HERE="$(cd "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$HERE/common.sh"
 
-case "${1:-}" in
-"") ;;
--h | --help)
-    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
-    exit 0
-    ;;
-*) die "unknown argument: $1 (see --help)" ;;
-esac
+only_help_flag "$@"
 
 need_cmd cpio cpio
 need_cmd gzip gzip

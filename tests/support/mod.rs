@@ -32,6 +32,28 @@ pub fn require(ok: bool, what: &str) -> bool {
     false
 }
 
+/// Whether this host's CPU has hardware virtualisation (vmx or svm), as
+/// real hosts and the test host (tests/testhost) do.
+pub fn hardware_virt() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+/// The kernel's rendering of an e820 entry ksmvm logged (`addr=.. size=..`).
+pub fn kernel_e820_line(l: &str) -> String {
+    let addr = hex_field(l, "addr");
+    let size = hex_field(l, "size");
+    format!(
+        "BIOS-e820: [mem {addr:#018x}-{:#018x}] usable",
+        addr + size - 1
+    )
+}
+
 pub fn have_kvm() -> bool {
     require(
         std::fs::OpenOptions::new()
@@ -209,21 +231,30 @@ impl Vmm {
     /// Waits for a serial line containing `needle` (kernel logs carry a
     /// timestamp prefix) and returns it.
     pub fn expect_line_containing(&mut self, needle: &str, timeout: Duration) -> String {
+        match self.try_expect_line_containing(needle, timeout) {
+            Ok(l) => l,
+            Err(e) => panic!(
+                "no serial line containing {needle:?} ({e:?}); serial: {:#?}\nstderr: {}",
+                self.seen,
+                self.stderr_text()
+            ),
+        }
+    }
+
+    /// Like [`Vmm::expect_line_containing`], telling a timeout from an
+    /// ended VMM instead of panicking.
+    pub fn try_expect_line_containing(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String, RecvTimeoutError> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.contains(needle) {
-                        return l;
-                    }
-                }
-                Err(e) => panic!(
-                    "no serial line containing {needle:?} ({e:?}); serial: {:#?}\nstderr: {}",
-                    self.seen,
-                    self.stderr_text()
-                ),
+            let l = self.lines.recv_timeout(left)?;
+            self.seen.push(l.clone());
+            if l.contains(needle) {
+                return Ok(l);
             }
         }
     }

@@ -24,14 +24,7 @@ HERE="$(cd "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source-path=SCRIPTDIR source=../../guest-image/linux/common.sh
 source "$HERE/../../guest-image/linux/common.sh"
 
-case "${1:-}" in
-"") ;;
--h | --help)
-    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
-    exit 0
-    ;;
-*) die "unknown argument: $1 (see --help)" ;;
-esac
+only_help_flag "$@"
 
 # Modules the test host loads, in dependency order (Debian 6.1 standard
 # kernel): KVM for AMD, virtio-pci and 9p for the shared folders, tun for
