@@ -32,6 +32,23 @@ only_help_flag() {
     esac
 }
 
+# pack_initramfs ROOT OUT: a reproducible newc cpio of the tree ROOT
+# (fixed timestamps, owner 0:0, sorted), gzip-compressed, moved to OUT only
+# when its content differs from what OUT holds.
+pack_initramfs() {
+    local root="$1" out="$2" new="$1.cpio.gz"
+    find "$root" -exec touch -h -d @0 {} +
+    (cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
+        cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -9 -n >"$new"
+    if [[ -f "$out" ]] && cmp -s "$new" "$out"; then
+        rm -f -- "$new"
+        log "unchanged: $out"
+    else
+        mv -f -- "$new" "$out"
+        log "built $out ($(stat -c %s -- "$out") bytes)"
+    fi
+}
+
 is_root() { [[ "$(id -u)" == 0 ]]; }
 
 # Absolute path of the cache directory; does not create it.

@@ -94,13 +94,5 @@ sync
 mount -o remount,ro / 2>/dev/null
 SHUT
 chmod 0755 "$root/etc/rc" "$root/etc/loop" "$root/etc/rc.shutdown"
-find "$root" -exec touch -h -d @0 {} +
-(cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
-    cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -9 -n >"$tmp/out.cpio.gz"
-if [[ -f "$OUT" ]] && cmp -s "$tmp/out.cpio.gz" "$OUT"; then
-    log "unchanged: $OUT"
-else
-    mv -f -- "$tmp/out.cpio.gz" "$OUT"
-    log "built $OUT ($(stat -c %s -- "$OUT") bytes)"
-fi
+pack_initramfs "$root" "$OUT"
 printf '%s\n' "$OUT"

@@ -110,14 +110,6 @@ cp -- "$HERE/init.sh" "$root/init"
 chmod 0755 "$root/init" "$root/bin/busybox"
 for m in "${MODULES[@]}"; do cp -- "$OUT/modules/$m.ko" "$root/modules/"; done
 printf '%s\n' "${MODULES[@]}" >"$root/modules/order"
-find "$root" -exec touch -h -d @0 {} +
-(cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
-    cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -1 -n >"$tmp/initrd.cpio.gz"
-if [[ -f "$OUT/initrd.cpio.gz" ]] && cmp -s "$tmp/initrd.cpio.gz" "$OUT/initrd.cpio.gz"; then
-    log "unchanged: $OUT/initrd.cpio.gz"
-else
-    mv -f -- "$tmp/initrd.cpio.gz" "$OUT/initrd.cpio.gz"
-    log "built $OUT/initrd.cpio.gz"
-fi
+pack_initramfs "$root" "$OUT/initrd.cpio.gz"
 ln -sfn "$(basename -- "$OUT")" "$BASE/current.tmp" && mv -T "$BASE/current.tmp" "$BASE/current"
 printf '%s\n' "$OUT"
