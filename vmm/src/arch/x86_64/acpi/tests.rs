@@ -219,8 +219,25 @@ fn eisa(id: &str) -> [u8; 5] {
 }
 
 #[test]
-fn dsdt_has_s5_and_the_devices() {
+fn dsdt_names_only_virtio_devices_beyond_the_isa_irqs() {
+    // IRQs 5..=15 are on the command line only; 16 and 17 also in the DSDT.
+    let (g, rsdp) = Guest::new(1, &virtio(13));
+    let (_, _, dsdt) = g.walk(rsdp);
+    let aml = &dsdt[36..];
+    for name in [&b"V011"[..], b"V012"] {
+        assert!(contains(aml, name), "{}", String::from_utf8_lossy(name));
+    }
+    for name in [&b"V000"[..], b"V010"] {
+        assert!(!contains(aml, name), "{}", String::from_utf8_lossy(name));
+    }
     let (g, rsdp) = Guest::new(1, &virtio(2));
+    let (_, _, dsdt) = g.walk(rsdp);
+    assert!(!contains(&dsdt[36..], b"LNRO0005\0"));
+}
+
+#[test]
+fn dsdt_has_s5_and_the_devices() {
+    let (g, rsdp) = Guest::new(1, &virtio(13));
     let (_, _, dsdt) = g.walk(rsdp);
     let aml = &dsdt[36..];
     // Name(_S5_, Package(4) { 5, 0, 0, 0 })
@@ -229,7 +246,7 @@ fn dsdt_has_s5_and_the_devices() {
         &[0x08, b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 5, 0, 0, 0]
     ));
     assert!(contains(aml, b"_SB_"));
-    for name in [&b"COM1"[..], b"PS2K", b"PEVT", b"V000", b"V001"] {
+    for name in [&b"COM1"[..], b"PS2K", b"PEVT", b"V011"] {
         assert!(contains(aml, name), "{}", String::from_utf8_lossy(name));
     }
     assert!(contains(aml, &eisa("PNP0501")));
@@ -245,8 +262,8 @@ fn dsdt_has_s5_and_the_devices() {
         d.extend_from_slice(&[1, len as u8]);
         assert!(contains(aml, &d), "IO {p:#x}");
     }
-    // Extended interrupts 4 (COM1), 1 (i8042), 5 and 6 (virtio): edge, high.
-    for irq in [4u32, 1, 5, 6] {
+    // Extended interrupts 4 (COM1), 1 (i8042), 16 and 17 (virtio): edge, high.
+    for irq in [4u32, 1, 16, 17] {
         let mut d = vec![0x89, 6, 0, 0x03, 1];
         d.extend_from_slice(&irq.to_le_bytes());
         assert!(contains(aml, &d), "interrupt {irq}");
@@ -275,7 +292,7 @@ fn iasl_disassembles_every_table() {
     }
     let dir = std::env::temp_dir().join(format!("ksmvm-acpi-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let t = build(2, &virtio(2)).unwrap();
+    let t = build(2, &virtio(13)).unwrap();
     // The RSDP has no table header, so iasl cannot read it from a file;
     // `pointers_resolve_and_checksums_hold` checks it.
     let names = ["facs", "xsdt", "facp", "apic", "dsdt"];
