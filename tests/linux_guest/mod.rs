@@ -72,9 +72,10 @@ pub fn lane_ready(kernel: &Kernel) -> bool {
         )
 }
 
-/// The test host's early guest fault (../shared/MACHINE.md, seen here in
-/// about 1 of 50 boots): KVM_EXIT_SHUTDOWN with the vCPU at the reset
-/// vector, which no guest kernel path that we drive produces.
+/// The test host's early guest fault (../shared/MACHINE.md; docs/testing.md
+/// has the rates seen here): KVM_EXIT_SHUTDOWN with the vCPU at the reset
+/// vector (SVM resets the vCPU on a shutdown intercept, so the real RIP is
+/// lost), before the guest's init runs.
 pub fn is_test_host_fault(stderr: &str) -> bool {
     stderr.contains("triple fault") && stderr.contains("at RIP 0xfff0")
 }
