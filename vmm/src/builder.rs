@@ -77,23 +77,25 @@ pub enum BuildError {
 }
 
 impl BuildError {
-    /// Exit status: 2 for bad input the user can fix, 1 for host failures.
+    /// Exit status: BAD_INPUT for input the user can fix, FAILURE for
+    /// host failures.
     pub fn exit_code(&self) -> u8 {
+        use crate::vcpu::exit_status::{BAD_INPUT, FAILURE};
         match self {
             BuildError::KvmOpen(_)
             | BuildError::Config(_)
             | BuildError::SerialFile { .. }
             | BuildError::Disk(_)
-            | BuildError::Tap(_) => 2,
+            | BuildError::Tap(_) => BAD_INPUT,
             BuildError::Boot(e) => match e {
                 BootError::ZeroPage(_)
                 | BootError::CmdlineLoad(_)
-                | BootError::InitrdRead { .. } => 1,
-                _ => 2,
+                | BootError::InitrdRead { .. } => FAILURE,
+                _ => BAD_INPUT,
             },
             BuildError::MpTable(MpTableError::TooManyCpus(_))
-            | BuildError::Acpi(AcpiError::TooManyCpus(_)) => 2,
-            _ => 1,
+            | BuildError::Acpi(AcpiError::TooManyCpus(_)) => BAD_INPUT,
+            _ => FAILURE,
         }
     }
 }

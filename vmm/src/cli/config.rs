@@ -35,7 +35,7 @@ pub fn run(cmd: ConfigCommand) -> ExitCode {
                 }
                 Err(e) => {
                     report_error(&e);
-                    ExitCode::from(2)
+                    ExitCode::from(crate::vcpu::exit_status::BAD_INPUT)
                 }
             }
         }
