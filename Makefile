@@ -48,6 +48,7 @@ linux-lane:
 	bash guest-image/kernel/build-kernel.sh >/dev/null
 	bash guest-image/linux/fetch-debian-kernel.sh >/dev/null
 	bash guest-image/linux/make-test-initramfs.sh >/dev/null
+	$(MAKE) -C guest-image rootfs MASTODON=0
 
 test-linux: linux-lane
 	$(CARGO) build --release -p ksmvm-testhost -p ksmvm --bin ksmvm-testhost --bin ksmvm

@@ -70,6 +70,21 @@ case "$MASTODON" in
     *) die "MASTODON must be auto, 0 or 1" ;;
 esac
 
+# --- Up to date? The image is keyed by the content of its inputs (the
+# recipe, the overlay with its modes, the suite and whether the application
+# is in it): a second run with the same key does nothing.
+key="$( { printf 'suite=%s mirror=%s app=%s version=%s epoch=%s uuid=%s\n' "$SUITE" "$MIRROR" \
+        "$install_app" "$MASTODON_VERSION" "$SOURCE_DATE_EPOCH" "$ROOTFS_UUID"
+      cd "$HERE" && find packages.txt build-rootfs.sh customize-rootfs.sh finish-rootfs.sh \
+          install-mastodon.sh rootfs-overlay -type f -printf '%p %m\n' | LC_ALL=C sort
+      cd "$HERE" && find packages.txt build-rootfs.sh customize-rootfs.sh finish-rootfs.sh \
+          install-mastodon.sh rootfs-overlay -type f -print0 | LC_ALL=C sort -z | xargs -0 cat
+    } | sha256sum | cut -c1-16)"
+if [[ -f "$OUT" && "$(cat "$OUT.key" 2>/dev/null)" == "$key" ]]; then
+    log "up to date: $OUT (key $key)"
+    exit 0
+fi
+
 packages="$(grep -vE '^\s*(#|$)' "$HERE/packages.txt" | tr '\n' ',' | sed 's/,$//')"
 work="$(mktemp -d "${TMPDIR:-/tmp}/ksmvm-rootfs.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
@@ -127,4 +142,5 @@ fakeroot -- bash -euo pipefail -c '
 mv "$OUT.tmp" "$OUT"
 end=$(date +%s)
 echo "app=$install_app version=$MASTODON_VERSION" >"$OUT.info"
+echo "$key" >"$OUT.key"
 log "done: $OUT ($(du -h --apparent-size "$OUT" | cut -f1) apparent, $(du -h "$OUT" | cut -f1) on disk; mmdebstrap $((mid - start)) s, mke2fs $((end - mid)) s; mastodon app: $([[ $install_app == 1 ]] && echo "$MASTODON_VERSION" || echo absent))"

@@ -33,7 +33,7 @@ in_root useradd --create-home --user-group --shell /bin/bash --comment Mastodon 
 in_root systemctl set-default multi-user.target
 # The VMM stops a guest with Ctrl-Alt-Del: power off rather than reboot.
 ln -sfn /lib/systemd/system/poweroff.target "$R/etc/systemd/system/ctrl-alt-del.target"
-in_root systemctl enable ksmvm-data.service ksmvm-ready.service systemd-networkd.service \
+in_root systemctl enable ksmvm-data.service ksmvm-ready.service ksmvm-test-console.service systemd-networkd.service \
     mastodon-setup.service mastodon-web.service mastodon-sidekiq.service mastodon-streaming.service
 # Periodic jobs that would wake ~100 idle guests for nothing, and
 # first-boot/update jobs that want to write to /etc or /usr.

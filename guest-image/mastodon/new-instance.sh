@@ -16,6 +16,8 @@
 #   ADDRESS, GATEWAY, DNS  static network (e.g. 10.0.3.12/24, 10.0.3.1,
 #                    "1.1.1.1 9.9.9.9"); empty ADDRESS: DHCP
 #   MEM_MIB (1024), VCPUS (1)
+#   TEST_CONSOLE=1   a root shell protocol on the serial console for ksmvm's
+#                    tests (ksmvm-test-console.service); never for production
 set -euo pipefail
 PROG=new-instance
 die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
@@ -38,6 +40,8 @@ DATA_SIZE="${DATA_SIZE:-4G}"
 MEM_MIB="${MEM_MIB:-1024}"
 VCPUS="${VCPUS:-1}"
 ADDRESS="${ADDRESS:-}" GATEWAY="${GATEWAY:-}" DNS="${DNS:-}"
+TEST_CONSOLE="${TEST_CONSOLE:-0}"
+[[ "$TEST_CONSOLE" == 0 || "$TEST_CONSOLE" == 1 ]] || die "TEST_CONSOLE must be 0 or 1"
 
 mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
@@ -89,10 +93,14 @@ cat >"$stage/ksmvm/mastodon.env" <<'ENV'
 # appended last by mastodon-instance-setup at every boot.
 ENV
 umask 022
+[[ "$TEST_CONSOLE" == 0 ]] || : >"$stage/ksmvm/test-console"
 
 mke2fs -q -t ext4 -L "data-$NAME" -E root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1 -m 0 -d "$stage" "$DATA" "$DATA_SIZE" >/dev/null
 
-cmdline="console=ttyS0 root=/dev/vda ro rootfstype=ext4 panic=-1 reboot=k init_on_free=1 quiet"
+# ksmvm's default command line (ksmvm::config::DEFAULT_CMDLINE), then the
+# root disk and what this image wants.
+cmdline="console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp"
+cmdline+=" root=/dev/vda ro rootfstype=ext4 init_on_free=1 quiet"
 cmdline+=" systemd.machine_id=$machine_id systemd.hostname=$NAME"
 cat >"$TOML" <<TOML
 # ksmvm instance config for Mastodon instance "$NAME" ($DOMAIN), written by

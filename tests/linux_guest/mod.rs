@@ -17,7 +17,7 @@ use crate::support::*;
 pub const BOOT_LIMIT: Duration = Duration::from_secs(240);
 pub const CMD_LIMIT: Duration = Duration::from_secs(120);
 
-fn cache() -> PathBuf {
+pub fn cache() -> PathBuf {
     match std::env::var_os("KSMVM_CACHE") {
         Some(c) => PathBuf::from(c),
         None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
@@ -128,37 +128,10 @@ impl LinuxGuest {
         LinuxGuest::spawn_until_init(name, || Vmm::spawn(&args))
     }
 
-    /// Starts a guest with `spawn` and waits for its init. A guest that
-    /// stops with the test host's known early fault (a triple fault at the
-    /// reset vector before init, tests/testhost/README.md) is started once
-    /// more, and the retry is printed; any other failure fails the test.
+    /// Starts a guest with `spawn` and waits for its init.
     pub fn spawn_until_init(name: &str, spawn: impl Fn() -> Vmm) -> LinuxGuest {
         let start = Instant::now();
-        let mut vm = spawn();
-        let mut retried = false;
-        let line = loop {
-            match vm.try_expect_line_containing("KSMVM-T boot ", BOOT_LIMIT) {
-                Ok(line) => break line,
-                Err(e) => {
-                    let serial = vm.seen.join("\n");
-                    let (status, stderr) = vm.wait_keeping(CMD_LIMIT);
-                    if !retried && is_test_host_fault(&stderr) {
-                        eprintln!(
-                            "{name}: TEST-HOST FAULT before init ({}); RETRY once with a new VMM",
-                            stderr.lines().last().unwrap_or_default()
-                        );
-                        keep_artefact(&format!("{name}.fault.serial.log"), &serial);
-                        retried = true;
-                        vm = spawn();
-                        continue;
-                    }
-                    keep_artefact(&format!("{name}.serial.log"), &serial);
-                    panic!(
-                        "{name}: no init ({e:?}); ksmvm {status:?}: {stderr}\nserial:\n{serial}"
-                    );
-                }
-            }
-        };
+        let (mut vm, line) = spawn_until_line(name, "KSMVM-T boot ", BOOT_LIMIT, spawn);
         let mut boot = BootInfo::default();
         for kv in line.split_whitespace() {
             match kv.split_once('=') {
@@ -183,6 +156,19 @@ impl LinuxGuest {
             vm,
             boot,
             booted_in,
+            name: name.to_owned(),
+        }
+    }
+
+    /// A guest whose console already speaks the test protocol (the Mastodon
+    /// image's test console): waits for its `KSMVM-T ready`.
+    pub fn attach(name: &str, mut vm: Vmm, limit: Duration) -> LinuxGuest {
+        let start = Instant::now();
+        vm.expect_line_containing("KSMVM-T ready", limit);
+        LinuxGuest {
+            vm,
+            boot: BootInfo::default(),
+            booted_in: start.elapsed(),
             name: name.to_owned(),
         }
     }
@@ -243,6 +229,44 @@ impl LinuxGuest {
         let (status, stderr) = self.finish("poweroff");
         assert_eq!(status.code(), Some(0), "{name}: poweroff: {stderr}");
         stderr
+    }
+}
+
+/// Starts a guest with `spawn` and waits for its first serial line that
+/// contains `needle`. A guest that stops with the test host's known early
+/// fault (a triple fault at the reset vector, tests/testhost/README.md)
+/// before that line is started once more, and the retry is printed; any
+/// other failure fails the test.
+pub fn spawn_until_line(
+    name: &str,
+    needle: &str,
+    limit: Duration,
+    spawn: impl Fn() -> Vmm,
+) -> (Vmm, String) {
+    let mut vm = spawn();
+    let mut retried = false;
+    loop {
+        match vm.try_expect_line_containing(needle, limit) {
+            Ok(line) => return (vm, line),
+            Err(e) => {
+                let serial = vm.seen.join("\n");
+                let (status, stderr) = vm.wait_keeping(CMD_LIMIT);
+                if !retried && is_test_host_fault(&stderr) {
+                    eprintln!(
+                        "{name}: TEST-HOST FAULT before `{needle}` ({}); RETRY once with a new VMM",
+                        stderr.lines().last().unwrap_or_default()
+                    );
+                    keep_artefact(&format!("{name}.fault.serial.log"), &serial);
+                    retried = true;
+                    vm = spawn();
+                    continue;
+                }
+                keep_artefact(&format!("{name}.serial.log"), &serial);
+                panic!(
+                    "{name}: no `{needle}` ({e:?}); ksmvm {status:?}: {stderr}\nserial:\n{serial}"
+                );
+            }
+        }
     }
 }
 

@@ -123,10 +123,10 @@ impl Vmm {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        Vmm::spawn_program(KSMVM, args)
+        Vmm::spawn_program(KSMVM, args, &[])
     }
 
-    fn spawn_program<I, S>(program: &str, args: I) -> Vmm
+    fn spawn_program<I, S>(program: &str, args: I, env: &[(&str, &Path)]) -> Vmm
     where
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
@@ -134,6 +134,7 @@ impl Vmm {
         let runtime = runtime_dir();
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .env("KSMVM_RUNTIME_DIR", &runtime.0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -165,10 +166,16 @@ impl Vmm {
 
     /// Runs ksmvm inside a network namespace (for TAP devices that live there).
     pub fn spawn_in_netns(ns: &NetNs, args: &[String]) -> Vmm {
+        Vmm::spawn_in_netns_with_env(ns, args, &[])
+    }
+
+    /// Like [`spawn_in_netns`](Self::spawn_in_netns), with extra
+    /// environment (e.g. NOTIFY_SOCKET).
+    pub fn spawn_in_netns_with_env(ns: &NetNs, args: &[String], env: &[(&str, &Path)]) -> Vmm {
         let mut full: Vec<String> =
             vec!["netns".into(), "exec".into(), ns.name.clone(), KSMVM.into()];
         full.extend(args.iter().cloned());
-        Vmm::spawn_program("ip", full)
+        Vmm::spawn_program("ip", full, env)
     }
 
     /// Boots the probe with the given extra command line and VMM flags.

@@ -45,8 +45,10 @@ enum Cmd {
     /// directly, on a host with vmx/svm), retrying once only after a
     /// test-host fault; prints per-test times and "N passed, N failed".
     Suite {
-        /// Seconds one test (with its test host) may take.
-        #[arg(long, default_value_t = 600)]
+        /// Seconds one test (with its test host) may take: a guard against
+        /// a wedged test host, well above the slowest test (three systemd
+        /// guests booted one after another, ~10 min under emulation).
+        #[arg(long, default_value_t = 1500)]
         test_timeout: u64,
         /// Where the console and guest logs of failed tests are kept.
         #[arg(long, default_value = "target/testhost-artefacts")]
