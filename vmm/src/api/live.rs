@@ -135,13 +135,13 @@ impl VmBackend for LiveVm {
 
     fn balloon(&self) -> Result<BalloonInfo, BackendError> {
         let b = self.balloon.as_ref().ok_or(BackendError::NoBalloon)?;
+        let counters = b.counters();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         Ok(BalloonInfo {
             target_mib: b.target_mib(),
             actual_mib: b.actual_mib(),
-            reported_bytes: b
-                .counters()
-                .reported_bytes
-                .load(std::sync::atomic::Ordering::Relaxed),
+            reported_bytes: load(&counters.reported_bytes),
+            poisoned_report_bytes: load(&counters.poisoned_report_bytes),
             stats: b.stats(),
         })
     }

@@ -73,6 +73,10 @@ pub struct BalloonInfo {
     pub actual_mib: u64,
     /// Bytes the guest reported free and the host dropped (free page reporting).
     pub reported_bytes: u64,
+    /// Bytes the guest reported free but the host kept, because the guest
+    /// fills free pages with a non-zero poison value.
+    #[serde(default)]
+    pub poisoned_report_bytes: u64,
     pub stats: Option<crate::devices::virtio::BalloonStats>,
 }
 

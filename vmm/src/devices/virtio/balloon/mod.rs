@@ -7,6 +7,11 @@
 //! (PFNs it takes back: nothing to do, they fault in as zero pages), stats
 //! (VIRTIO_BALLOON_F_STATS_VQ) and free page reporting
 //! (VIRTIO_BALLOON_F_REPORTING: free ranges whose host pages are dropped).
+//! With reporting the device also offers VIRTIO_BALLOON_F_PAGE_POISON:
+//! Linux turns reporting off when it initialises freed pages
+//! (`init_on_free=1`, page poisoning) and the device cannot say what
+//! dropped pages read back as. Dropped pages read back as zero, so ranges
+//! are dropped only while the driver's `poison_val` is 0.
 //!
 //! The API thread talks to the device through a [`BalloonHandle`]: it sets
 //! the target (`num_pages` in config space) and reads `actual` and the
@@ -38,6 +43,7 @@ use super::{COMMON_FEATURES, PAGE_SIZE};
 // virtio-bindings has no balloon header; virtio 1.2, 5.5.3.
 pub const VIRTIO_BALLOON_F_STATS_VQ: u32 = 1;
 pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u32 = 2;
+pub const VIRTIO_BALLOON_F_PAGE_POISON: u32 = 4;
 pub const VIRTIO_BALLOON_F_REPORTING: u32 = 5;
 
 pub const QUEUE_SIZE: u16 = 128;
@@ -67,6 +73,9 @@ pub struct BalloonCounters {
     pub invalid_pfns: AtomicU64,
     pub reported_bytes: AtomicU64,
     pub invalid_reports: AtomicU64,
+    /// Reported bytes kept because the driver's poison value is not 0
+    /// (dropping them would hand the guest zeroes where it expects it).
+    pub poisoned_report_bytes: AtomicU64,
     pub stats_updates: AtomicU64,
 }
 
@@ -157,6 +166,8 @@ pub struct Balloon {
     layout: Layout,
     /// The stats buffer the device holds until it wants fresh numbers.
     stats_head: Option<u16>,
+    /// What the driver fills freed pages with (config space, PAGE_POISON).
+    poison_val: u32,
 }
 
 impl Balloon {
@@ -187,7 +198,7 @@ impl Balloon {
             features |= 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
         }
         if cfg.free_page_reporting {
-            features |= 1 << VIRTIO_BALLOON_F_REPORTING;
+            features |= 1 << VIRTIO_BALLOON_F_REPORTING | 1 << VIRTIO_BALLOON_F_PAGE_POISON;
             queue_sizes.push(QUEUE_SIZE);
         }
         let handle = BalloonHandle {
@@ -201,6 +212,7 @@ impl Balloon {
             timer,
             layout: Layout::default(),
             stats_head: None,
+            poison_val: 0,
         };
         Ok((balloon, handle))
     }
@@ -276,6 +288,17 @@ impl Balloon {
     /// Free page reporting: every buffer of the chain is a free range.
     fn report(&self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
         let counters = &self.shared.counters;
+        if self.poison_val != 0 {
+            let bytes: u64 = chain.map(|d| u64::from(d.len())).sum();
+            counters
+                .poisoned_report_bytes
+                .fetch_add(bytes, Ordering::Relaxed);
+            warn_ratelimited!(
+                "virtio-balloon: the guest poisons free pages with {:#x}; keeping reported pages",
+                self.poison_val
+            );
+            return 0;
+        }
         for desc in chain {
             match discard(mem, desc.addr().0, u64::from(desc.len())) {
                 Ok(n) => {
@@ -380,6 +403,7 @@ impl VirtioDevice for Balloon {
         c[..4].copy_from_slice(&target.to_le_bytes());
         let actual = self.shared.actual_pages.load(Ordering::Acquire);
         c[4..8].copy_from_slice(&actual.to_le_bytes());
+        c[12..16].copy_from_slice(&self.poison_val.to_le_bytes());
         super::device::read_config_bytes(&c, offset, data);
     }
 
@@ -389,6 +413,7 @@ impl VirtioDevice for Balloon {
                 .shared
                 .actual_pages
                 .store(u32::from_le_bytes(b), Ordering::Release),
+            (12, Ok(b)) => self.poison_val = u32::from_le_bytes(b),
             _ => warn_ratelimited!(
                 "virtio-balloon: ignoring {}-byte config write at {offset:#x}",
                 data.len()
@@ -409,6 +434,7 @@ impl VirtioDevice for Balloon {
     fn reset(&mut self) {
         self.layout = Layout::default();
         self.stats_head = None;
+        self.poison_val = 0;
         if let Err(e) = self.timer.clear() {
             warn_ratelimited!("virtio-balloon: cannot stop the stats timer: {e}");
         }

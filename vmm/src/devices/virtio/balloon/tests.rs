@@ -4,7 +4,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::devices::bus::BusDevice;
-use crate::devices::virtio::mmio::REG_INTERRUPT_STATUS;
+use crate::devices::virtio::mmio::{REG_CONFIG, REG_INTERRUPT_STATUS};
 use crate::devices::virtio::test_util::*;
 
 const PFNS: u64 = DATA;
@@ -357,6 +357,39 @@ fn free_page_reports_drop_whole_pages_in_ram() {
         3 * PAGE_SIZE
     );
     assert_eq!(u.counters().invalid_reports.load(Ordering::Relaxed), 1);
+}
+
+/// Linux with `init_on_free=1` keeps reporting only with PAGE_POISON, and
+/// writes its poison value (0: freed pages are zeroed) before DRIVER_OK.
+#[test]
+fn reporting_offers_page_poison_and_keeps_pages_the_guest_poisons() {
+    let mem = guest_mem();
+    let (b, _) = Balloon::new(&cfg(0, true), &mem).unwrap();
+    assert_ne!(b.features() & 1 << VIRTIO_BALLOON_F_PAGE_POISON, 0);
+    let (b, _) = Balloon::new(&cfg(0, false), &mem).unwrap();
+    assert_eq!(b.features() & 1 << VIRTIO_BALLOON_F_PAGE_POISON, 0);
+
+    let poison = 1 << VIRTIO_BALLOON_F_PAGE_POISON;
+    let mut u = up(&mem, &cfg(0, true), REPORTING | poison, 3);
+    let p = PAGES / PAGE_SIZE;
+    // init_on_free: poison value 0, pages are dropped.
+    u.h.write32(REG_CONFIG + 12, 0);
+    assert_eq!(u.h.read32(REG_CONFIG + 12), 0);
+    u.fill(p, 0x42);
+    u.qs[2].add(&[w(p * PAGE_SIZE, 4096)]);
+    u.h.kick(2);
+    assert!(u.page_is(p, 0));
+    // Page poisoning with 0xaa: the pages must keep what the guest wrote.
+    u.h.write32(REG_CONFIG + 12, 0xaa);
+    assert_eq!(u.h.read32(REG_CONFIG + 12), 0xaa);
+    u.fill(p + 1, 0xaa);
+    let head = u.qs[2].add(&[w((p + 1) * PAGE_SIZE, 4096)]);
+    u.h.kick(2);
+    assert_eq!(u.qs[2].last_used(), (u32::from(head), 0));
+    assert!(u.page_is(p + 1, 0xaa));
+    let c = u.counters();
+    assert_eq!(c.reported_bytes.load(Ordering::Relaxed), PAGE_SIZE);
+    assert_eq!(c.poisoned_report_bytes.load(Ordering::Relaxed), PAGE_SIZE);
 }
 
 #[test]
