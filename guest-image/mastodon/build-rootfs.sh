@@ -50,7 +50,7 @@ done
 reachable() { curl -fsS -m 10 -o /dev/null "$1" 2>/dev/null; }
 install_app=0
 case "$MASTODON" in
-    0) notice "MASTODON=0: building the base image without the Mastodon application." ;;
+    0) ;;
     1) install_app=1 ;;
     auto)
         missing=""
@@ -84,6 +84,7 @@ if [[ -f "$OUT" && "$(cat "$OUT.key" 2>/dev/null)" == "$key" ]]; then
     log "up to date: $OUT (key $key)"
     exit 0
 fi
+[[ "$MASTODON" != 0 ]] || notice "MASTODON=0: building the base image without the Mastodon application."
 
 packages="$(grep -vE '^\s*(#|$)' "$HERE/packages.txt" | tr '\n' ',' | sed 's/,$//')"
 work="$(mktemp -d "${TMPDIR:-/tmp}/ksmvm-rootfs.XXXXXX")"

@@ -31,6 +31,9 @@ only_help_flag "$@"
 # the network tests.
 MODULES=(irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev
     virtio_pci_legacy_dev virtio_pci 9pnet 9pnet_virtio netfs fscache 9p tun)
+# Folded into another module in newer kernels (fscache into netfs in 6.12,
+# bookworm-backports): absent there, and not needed.
+OPTIONAL_MODULES=" fscache "
 
 need_cmd cpio cpio
 need_cmd gzip gzip
@@ -68,24 +71,49 @@ if [[ ! -s "$OUT/version" ]]; then
     mkdir -p "$tmp/out/modules"
     cp -- "$tmp/x/boot/vmlinuz-$rel" "$tmp/out/vmlinuz"
     cp -- "$tmp/x/boot/config-$rel" "$tmp/out/config"
+    # A module built into a newer kernel (modules.builtin) is skipped; the
+    # ones to load are listed in modules/order.
+    : >"$tmp/out/modules/order"
     for m in "${MODULES[@]}"; do
         f="$(find "$tmp/x/lib/modules/$rel" -name "$m.ko" -o -name "$m.ko.xz" | head -n1)"
-        [[ -n "$f" ]] || die "$pkg has no module $m"
+        if [[ -z "$f" ]]; then
+            if grep -qE "/${m//[-_]/[-_]}\.ko\$" "$tmp/x/lib/modules/$rel/modules.builtin" 2>/dev/null; then
+                log "$m is built into $pkg"
+            elif [[ "$OPTIONAL_MODULES" == *" $m "* ]]; then
+                log "$pkg has no module $m (not needed there)"
+            else
+                die "$pkg has no module $m"
+            fi
+            continue
+        fi
         case "$f" in
         *.xz) xz -dc -- "$f" >"$tmp/out/modules/$m.ko" ;;
         *) cp -- "$f" "$tmp/out/modules/$m.ko" ;;
         esac
+        echo "$m" >>"$tmp/out/modules/order"
     done
-    # The ELF vmlinux: the payload after the first XZ stream magic.
-    python3 - "$tmp/out/vmlinuz" "$tmp/payload.xz" <<'PY'
+    # The ELF vmlinux: the compressed payload after its stream magic (XZ in
+    # Debian's 6.1 kernels, zstd in 6.12).
+    codec="$(python3 - "$tmp/out/vmlinuz" "$tmp/payload" <<'PY'
 import sys
 data = open(sys.argv[1], "rb").read()
-off = data.find(b"\xfd7zXZ\x00")
-if off < 0:
-    sys.exit("no XZ payload in " + sys.argv[1])
-open(sys.argv[2], "wb").write(data[off:])
+for name, magic in (("xz", b"\xfd7zXZ\x00"), ("zstd", b"\x28\xb5\x2f\xfd")):
+    off = data.find(magic)
+    if off >= 0:
+        open(sys.argv[2], "wb").write(data[off:])
+        print(name)
+        break
+else:
+    sys.exit("no XZ or zstd payload in " + sys.argv[1])
 PY
-    xz -dc --single-stream -- "$tmp/payload.xz" >"$tmp/out/vmlinux" 2>/dev/null || true
+)"
+    case "$codec" in
+    xz) xz -dc --single-stream -- "$tmp/payload" >"$tmp/out/vmlinux" 2>/dev/null || true ;;
+    zstd)
+        need_cmd zstd zstd
+        # Trailing bytes after the frame make zstd complain; the frame is whole.
+        zstd -dcq -- "$tmp/payload" >"$tmp/out/vmlinux" 2>/dev/null || true ;;
+    esac
     [[ "$(od -An -tx1 -N4 -- "$tmp/out/vmlinux" | tr -d ' ')" == 7f454c46 ]] ||
         die "the decompressed payload of $pkg is not an ELF file"
     dpkg-deb -f "$deb" Version >"$tmp/out/package-version"
@@ -108,8 +136,10 @@ cp -- "$BUSYBOX" "$root/bin/busybox"
 ln -s busybox "$root/bin/sh"
 cp -- "$HERE/init.sh" "$root/init"
 chmod 0755 "$root/init" "$root/bin/busybox"
-for m in "${MODULES[@]}"; do cp -- "$OUT/modules/$m.ko" "$root/modules/"; done
-printf '%s\n' "${MODULES[@]}" >"$root/modules/order"
+# Caches made before modules/order existed hold every module of MODULES.
+[[ -f "$OUT/modules/order" ]] || printf '%s\n' "${MODULES[@]}" >"$OUT/modules/order"
+while read -r m; do cp -- "$OUT/modules/$m.ko" "$root/modules/"; done <"$OUT/modules/order"
+cp -- "$OUT/modules/order" "$root/modules/order"
 pack_initramfs "$root" "$OUT/initrd.cpio.gz"
 ln -sfn "$(basename -- "$OUT")" "$BASE/current.tmp" && mv -T "$BASE/current.tmp" "$BASE/current"
 printf '%s\n' "$OUT"
