@@ -73,7 +73,6 @@ if [[ ! -s "$OUT/version" ]]; then
     cp -- "$tmp/x/boot/config-$rel" "$tmp/out/config"
     # A module built into a newer kernel (modules.builtin) is skipped; the
     # ones to load are listed in modules/order.
-    : >"$tmp/out/modules/order"
     for m in "${MODULES[@]}"; do
         f="$(find "$tmp/x/lib/modules/$rel" -name "$m.ko" -o -name "$m.ko.xz" | head -n1)"
         if [[ -z "$f" ]]; then
@@ -90,8 +89,35 @@ if [[ ! -s "$OUT/version" ]]; then
         *.xz) xz -dc -- "$f" >"$tmp/out/modules/$m.ko" ;;
         *) cp -- "$f" "$tmp/out/modules/$m.ko" ;;
         esac
-        echo "$m" >>"$tmp/out/modules/order"
     done
+    # Load order from each module's own `depends=` (its .modinfo; the
+    # package has no modules.dep): 6.12's 9pnet needs netfs, 6.1's does not.
+    python3 - "$tmp/out/modules" >"$tmp/out/modules/order" <<'PY' ||
+import os, re, sys
+have_dir = sys.argv[1]
+have = sorted(f[:-3] for f in os.listdir(have_dir) if f.endswith(".ko"))
+norm = lambda m: m.replace("-", "_")
+by_norm = {norm(m): m for m in have}
+deps = {}
+for m in have:
+    data = open(os.path.join(have_dir, m + ".ko"), "rb").read()
+    found = re.search(rb"(?:^|\x00)depends=([^\x00]*)", data)
+    deps[norm(m)] = [norm(d) for d in found.group(1).decode().split(",") if d] if found else []
+order, seen = [], set()
+def visit(n):
+    if n in seen:
+        return
+    seen.add(n)
+    for d in deps[n]:
+        if d not in by_norm:
+            sys.exit(f"module {by_norm[n]} needs {d}, which is not in MODULES")
+        visit(d)
+    order.append(by_norm[n])
+for n in sorted(by_norm):
+    visit(n)
+print("\n".join(order))
+PY
+        die "cannot order the modules of $pkg"
     # The ELF vmlinux: the compressed payload after its stream magic (XZ in
     # Debian's 6.1 kernels, zstd in 6.12).
     codec="$(python3 - "$tmp/out/vmlinuz" "$tmp/payload" <<'PY'
