@@ -183,6 +183,41 @@ fn block_and_rng_with_linux_drivers() {
     g.poweroff();
 }
 
+/// Twelve disks and the rng: the devices from the eleventh on sit on IRQs
+/// 16 and up, which an ACPI kernel routes only for devices its DSDT names.
+/// Every disk is there once, with its own bytes.
+#[test]
+fn twelve_disks_reach_the_irqs_beyond_the_isa_range() {
+    if !lane_ready(&Kernel::Ksmvm) {
+        return;
+    }
+    let dir = TempDir::new("rl-many");
+    let mut extra = Vec::new();
+    for i in 1..=12u8 {
+        let img = dir.path(&format!("d{i}.img"));
+        std::fs::write(&img, vec![i; MIB as usize]).unwrap();
+        extra.push("--disk".to_owned());
+        extra.push(format!("path={},ro=on", img.display()));
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut g = LinuxGuest::boot("many", &Kernel::Ksmvm, &extra);
+    let out = g.ok("for d in /sys/block/vd*; do echo disk $(od -An -tu1 -N1 /dev/${d##*/}); done");
+    let mut firsts: Vec<u8> = out
+        .iter()
+        .filter_map(|l| l.strip_prefix("disk "))
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    firsts.sort_unstable();
+    assert_eq!(firsts, (1..=12).collect::<Vec<u8>>(), "{out:?}");
+    let current: String = g.value("cat /sys/class/misc/hw_random/rng_current");
+    assert!(current.starts_with("virtio_rng"), "{current}");
+    let high: u32 = g.value("awk '$1+0 >= 16 && /virtio/' /proc/interrupts | wc -l");
+    assert!(high >= 3, "devices on IRQs 16-18: {high}");
+    let errors = g.ok("dmesg | grep -i virtio | grep -i -E 'error|fail|busy' || true");
+    eprintln!("many: 12 disks and the rng bound; virtio errors in dmesg: {errors:?}");
+    g.poweroff();
+}
+
 /// ping and a TCP transfer between the guest and a TAP in a network
 /// namespace of the test's own, over IPv6 link-local addresses.
 #[test]
