@@ -7,7 +7,7 @@
 //! shell lines on the serial console once the ready marker is out.
 
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -100,11 +100,11 @@ impl Instance {
 
     /// Boots the instance in `ns` (its TAP must be there) to multi-user and
     /// attaches to its test console. Returns the guest and the marker line.
-    fn boot(&self, ns: &NetNs, env: &[(&str, &Path)], extra: &[&str]) -> (LinuxGuest, String) {
+    fn boot(&self, ns: &NetNs, extra: &[&str]) -> (LinuxGuest, String) {
         let args = self.args(extra);
         let t0 = Instant::now();
         let (vm, marker) = spawn_until_line(&self.name, "KSMVM-READY ", MULTI_USER_LIMIT, || {
-            Vmm::spawn_in_netns_with_env(ns, &args, env)
+            Vmm::spawn_in_netns(ns, &args)
         });
         eprintln!(
             "{}: multi-user in {:.1} s: {}",
@@ -382,7 +382,7 @@ fn ksm_merges_three_mastodon_guests() {
     for i in 0..3u8 {
         let inst = Instance::new(&dir, &format!("mksm{i}"), i);
         ns.add_tap(&inst.name);
-        let (mut g, marker) = inst.boot(&ns, &[], &["--mem-mib", "768"]);
+        let (mut g, marker) = inst.boot(&ns, &["--mem-mib", "768"]);
         assert_marker_ok(&inst.name, &marker);
         // Each guest's own data, in its page cache.
         g.ok("head -c 8388608 /dev/urandom >/data/blob && sync");
