@@ -46,6 +46,12 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+/// A test that met a documented test-host fault itself (a guest's triple
+/// fault at the reset vector before its init, see README.md) writes this
+/// file into its artefacts folder (`KSMVM_ARTEFACTS`) before it fails: the
+/// suite then runs it once more on a fresh test host.
+pub const FAULT_MARKER: &str = "TEST-HOST-FAULT";
+
 /// The test host's kernel and initramfs, as tests/testhost/prepare.sh
 /// leaves them.
 #[derive(Debug, Clone)]

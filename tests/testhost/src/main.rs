@@ -7,7 +7,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use ksmvm_testhost::{Config, Error, Image, Job, Run, TestHost};
+use ksmvm_testhost::{Config, Error, Image, Job, Run, TestHost, FAULT_MARKER};
 
 #[derive(Parser)]
 #[command(
@@ -248,8 +248,22 @@ fn suite(
                             verdict = Verdict::Passed;
                         }
                         Ok(rc) => {
-                            let kept = keep(&run, artefacts, name);
+                            let marker = run.scratch.join("artefacts").join(FAULT_MARKER);
+                            let fault = std::fs::read_to_string(&marker).ok();
+                            let dir = match fault {
+                                Some(_) => format!("{name}.try{attempt}"),
+                                None => name.clone(),
+                            };
+                            let kept = keep(&run, artefacts, &dir);
                             println!("{name}: exit status {rc}; logs kept in {}", kept.display());
+                            if let (Some(why), 1) = (fault, attempt) {
+                                retries += 1;
+                                println!(
+                                    "{name}: TEST-HOST FAULT reported by the test: {}; RETRY on a fresh test host",
+                                    why.trim()
+                                );
+                                continue;
+                            }
                         }
                         Err(fault) => {
                             print_tail(&run.console, 30);
