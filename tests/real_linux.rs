@@ -228,16 +228,8 @@ fn net_ping_and_tcp_over_a_tap() {
     }
     let ns = NetNs::new("rlnet");
     ns.add_tap("ksmtap0");
-    let ip = |args: &[&str]| {
-        let st = std::process::Command::new("ip")
-            .args(["-n", &ns.name])
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(st.success(), "ip {args:?}");
-    };
-    ip(&["addr", "add", "fe80::1/64", "dev", "ksmtap0", "nodad"]);
-    ip(&["link", "set", "lo", "up"]);
+    ns.ip(&["addr", "add", "fe80::1/64", "dev", "ksmtap0", "nodad"]);
+    ns.ip(&["link", "set", "lo", "up"]);
     let args = guest_args(
         &Kernel::Ksmvm,
         &["--net", "tap=ksmtap0,mac=52:54:00:12:34:56"],

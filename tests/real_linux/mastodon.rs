@@ -225,15 +225,7 @@ fn mastodon_base_image_multi_user_then_graceful_stop() {
     let inst = Instance::new(&dir, "masto0", 0);
     let ns = NetNs::new("rlmasto");
     ns.add_tap(&inst.name);
-    let ip = |args: &[&str]| {
-        let st = Command::new("ip")
-            .args(["-n", &ns.name])
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(st.success(), "ip {args:?}");
-    };
-    ip(&["addr", "add", HOST_ADDR, "dev", &inst.name]);
+    ns.ip(&["addr", "add", HOST_ADDR, "dev", &inst.name]);
     let sock_path = dir.path("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_nonblocking(true).unwrap();

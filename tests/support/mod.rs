@@ -412,10 +412,17 @@ impl NetNs {
         NetNs { name }
     }
 
+    /// Runs `ip -n NAME ARGS...` in the namespace, asserting success.
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full);
+    }
+
     /// Creates a TAP device in the namespace and brings it up.
     pub fn add_tap(&self, tap: &str) {
-        ip(&["-n", &self.name, "tuntap", "add", "dev", tap, "mode", "tap"]);
-        ip(&["-n", &self.name, "link", "set", tap, "up"]);
+        self.ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
+        self.ip(&["link", "set", tap, "up"]);
     }
 
     /// A raw AF_PACKET socket bound to `ifname` inside the namespace: it
