@@ -216,6 +216,44 @@ fn idle_probe_answers_serial_input_and_stops_on_sigterm() {
 }
 
 #[test]
+fn a_paused_guest_runs_no_code_until_resumed() {
+    if !have_kvm() {
+        return;
+    }
+    let mut vm = Vmm::probe("", &["--mem-mib", "64", "--vcpus", "2"]);
+    vm.expect_line("PROBE READY", BOOT);
+    let api = vm.api("vm");
+    // Pause returns once every vCPU has said it stopped running guest code.
+    api.action(ksmvm::api::Action::Pause).expect("pause");
+    assert_eq!(api.info().expect("info").state, ksmvm::api::VmState::Paused);
+    // Input reaches the serial port, but nobody in the guest answers it.
+    vm.send("ping");
+    let early = vm.try_expect_line_containing("PROBE PONG", Duration::from_secs(2));
+    assert!(early.is_err(), "a paused guest answered: {early:?}");
+    api.action(ksmvm::api::Action::Resume).expect("resume");
+    assert_eq!(
+        api.info().expect("info").state,
+        ksmvm::api::VmState::Running
+    );
+    vm.expect_line("PROBE PONG", BOOT);
+    // Pausing twice and resuming twice are each answered (idempotent).
+    api.action(ksmvm::api::Action::Pause).expect("pause");
+    api.action(ksmvm::api::Action::Pause).expect("second pause");
+    api.action(ksmvm::api::Action::Resume).expect("resume");
+    api.action(ksmvm::api::Action::Resume)
+        .expect("second resume");
+    vm.command("ping", "PROBE PONG");
+    // A stop while paused ends the VM cleanly.
+    api.action(ksmvm::api::Action::Pause).expect("pause");
+    vm.terminate();
+    let (status, stderr) = vm.wait(BOOT);
+    assert!(
+        status.success(),
+        "SIGTERM while paused: {status:?} {stderr}"
+    );
+}
+
+#[test]
 fn emulation_failure_is_a_clear_error() {
     if !have_kvm() {
         return;

@@ -26,10 +26,9 @@ use crate::devices::serial::{SerialDevice, SerialOut};
 use crate::devices::virtio::balloon::BalloonError;
 use crate::devices::virtio::block::ImageError;
 use crate::devices::virtio::net::TapError;
-use crate::devices::virtio::{
-    Balloon, BalloonHandle, Block, ManagerError, Net, Rng, VirtioDevices,
-};
+use crate::devices::virtio::{Balloon, Block, ManagerError, Net, Rng, VirtioDevices};
 use crate::memory::{self, MemoryError};
+use crate::outcome::{ExitStatus, HasExitStatus};
 use crate::vcpu::{Vcpu, VcpuError, VmControl};
 use crate::vm::Vm;
 
@@ -76,26 +75,25 @@ pub enum BuildError {
     Virtio(#[from] ManagerError),
 }
 
-impl BuildError {
-    /// Exit status: BAD_INPUT for input the user can fix, FAILURE for
-    /// host failures.
-    pub fn exit_code(&self) -> u8 {
-        use crate::vcpu::exit_status::{BAD_INPUT, FAILURE};
+impl HasExitStatus for BuildError {
+    /// BadInput for input the user can fix, Failure for host failures.
+    fn exit_status(&self) -> ExitStatus {
+        use ExitStatus::{BadInput, Failure};
         match self {
             BuildError::KvmOpen(_)
             | BuildError::Config(_)
             | BuildError::SerialFile { .. }
             | BuildError::Disk(_)
-            | BuildError::Tap(_) => BAD_INPUT,
+            | BuildError::Tap(_) => BadInput,
             BuildError::Boot(e) => match e {
                 BootError::ZeroPage(_)
                 | BootError::CmdlineLoad(_)
-                | BootError::InitrdRead { .. } => FAILURE,
-                _ => BAD_INPUT,
+                | BootError::InitrdRead { .. } => Failure,
+                _ => BadInput,
             },
             BuildError::MpTable(MpTableError::TooManyCpus(_))
-            | BuildError::Acpi(AcpiError::TooManyCpus(_)) => BAD_INPUT,
-            _ => FAILURE,
+            | BuildError::Acpi(AcpiError::TooManyCpus(_)) => BadInput,
+            _ => Failure,
         }
     }
 }
@@ -185,7 +183,7 @@ pub fn build_with(
     // virtio devices first: each one adds its virtio_mmio.device= parameter.
     let mut mmio_bus = Bus::new();
     crate::milestone!("guest memory mapped");
-    let (virtio, balloon, device_params) = add_virtio_devices(&config, &vm, &mem, &mut mmio_bus)?;
+    let (virtio, device_params) = add_virtio_devices(&config, &vm, &mem, &mut mmio_bus)?;
 
     let low_mem_end = mem_bytes.min(MMIO_GAP_START);
     crate::milestone!("virtio devices created");
@@ -267,8 +265,7 @@ pub fn build_with(
         reset_evt,
         vcpus,
         virtio,
-        balloon,
-        _kvm: kvm,
+        kvm,
     })
 }
 
@@ -281,7 +278,7 @@ fn full_cmdline(base: &str, device_params: &[String]) -> String {
         .join(" ")
 }
 
-type VirtioSetup = (VirtioDevices, Option<BalloonHandle>, Vec<String>);
+type VirtioSetup = (VirtioDevices, Vec<String>);
 
 /// Creates the configured virtio devices on the MMIO bus (disks, then nets,
 /// balloon and rng) and returns the command line parameters announcing them.
@@ -299,16 +296,12 @@ fn add_virtio_devices(
     for net in &config.nets {
         devices.add(Net::new(net)?, mmio_bus, vm, &mut params)?;
     }
-    let balloon = match &config.balloon {
-        Some(b) => {
-            let (dev, handle) = Balloon::new(b, mem)?;
-            devices.add(dev, mmio_bus, vm, &mut params)?;
-            Some(handle)
-        }
-        None => None,
-    };
+    if let Some(b) = &config.balloon {
+        let (dev, _) = Balloon::new(b, mem)?;
+        devices.add(dev, mmio_bus, vm, &mut params)?;
+    }
     if config.rng {
         devices.add(Rng::new(), mmio_bus, vm, &mut params)?;
     }
-    Ok((devices, balloon, params))
+    Ok((devices, params))
 }

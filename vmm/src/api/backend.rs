@@ -1,5 +1,6 @@
-//! What the API needs from a VM. `LiveVm` is the real one; unit tests use
-//! fakes, so routing and encoding are tested without KVM.
+//! What the API needs from a VM. The running VM's `VmHandle` is the real
+//! one (`live.rs`); unit tests use fakes, so routing and encoding are
+//! tested without KVM.
 
 use crate::memory::MemoryError;
 use crate::stats::VmStats;
@@ -18,6 +19,8 @@ pub enum BackendError {
     NoBalloon,
     #[error("invalid balloon target: {0}")]
     BalloonTarget(String),
+    #[error("{0}")]
+    Vm(String),
 }
 
 pub trait VmBackend: Send + Sync {
@@ -30,9 +33,4 @@ pub trait VmBackend: Send + Sync {
     fn set_balloon(&self, _target_mib: u64) -> Result<(), BackendError> {
         Err(BackendError::NoBalloon)
     }
-}
-
-/// Samples a VM's statistics (the `stats` module's sampler in production).
-pub trait StatsSource: Send + Sync {
-    fn sample(&self) -> Result<VmStats, BackendError>;
 }

@@ -99,7 +99,7 @@ fn backend_error(e: BackendError) -> Reply {
         BackendError::Stopping => 409,
         BackendError::NoBalloon => 404,
         BackendError::BalloonTarget(_) => 400,
-        BackendError::Stats(_) | BackendError::Memory(_) => 500,
+        BackendError::Stats(_) | BackendError::Memory(_) | BackendError::Vm(_) => 500,
     };
     Reply::error(status, e.to_string())
 }

@@ -19,12 +19,12 @@ mod server;
 mod socket;
 mod types;
 
-pub use backend::{BackendError, StatsSource, VmBackend};
+pub use backend::{BackendError, VmBackend};
 pub use client::{parse_response, ApiClient, ClientError, ClientResponse};
 pub use handler::{handle, Reply, MAX_BODY_BYTES};
 pub use host::{page_size, HostSample};
 pub use http::{Handler, HttpServer, Listener};
-pub use live::LiveVm;
+pub use live::STATS_DETAIL_MAX_AGE;
 pub use metrics::{
     render_vm, Exposition, Kind as MetricKind, CONTENT_TYPE as METRICS_CONTENT_TYPE,
 };

@@ -35,7 +35,7 @@ pub fn run(cmd: ConfigCommand) -> ExitCode {
                 }
                 Err(e) => {
                     report_error(&e);
-                    ExitCode::from(crate::vcpu::exit_status::BAD_INPUT)
+                    crate::outcome::ExitStatus::BadInput.into()
                 }
             }
         }

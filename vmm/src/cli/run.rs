@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use super::{report_error, RunArgs};
 use crate::instance::{self, Instance, InstanceFile};
+use crate::outcome::{ExitOutcome, ExitStatus, HasExitStatus};
 use crate::service::SystemdSupervisor;
-use crate::vcpu::exit_status::{BAD_INPUT, GUEST_PANIC, GUEST_RESET, SUCCESS};
-use crate::vcpu::ExitOutcome;
 
 /// The host's vCPU limit for validation; the MP table's when KVM cannot be
 /// asked (the builder checks KVM's own limit again).
@@ -30,11 +29,11 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
         Ok(i) => i,
         Err(e) => {
             report_error(&e);
-            return ExitCode::from(BAD_INPUT);
+            return ExitStatus::BadInput.into();
         }
     };
     let stop_watchdog = args.debug_stop_watchdog_after_s.map(Duration::from_secs);
-    let mut sup = match SystemdSupervisor::new(&inst.service, inst.vm.ksm, stop_watchdog) {
+    let mut sup = match SystemdSupervisor::new(&inst.service, stop_watchdog) {
         Ok(s) => s,
         Err(e) => {
             report_error(&format!("cannot set up service notifications: {e}"));
@@ -47,7 +46,7 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(e) => {
             report_error(&e);
-            return ExitCode::from(e.exit_code());
+            return e.exit_status().into();
         }
     };
     // After the build, which validated the name that names the socket.
@@ -58,8 +57,28 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match vm.run_supervised(Some(socket), inst.service.shutdown_timeout, &mut sup) {
-        Ok(outcome) => ExitCode::from(report_outcome(&outcome)),
+    let running = match vm.start() {
+        Ok(r) => r,
+        Err(e) => {
+            report_error(&e);
+            return ExitCode::FAILURE;
+        }
+    };
+    // The guest boots first; clients that connect meanwhile wait in the
+    // socket's backlog. Started after `Vm::start` blocked the stop signals,
+    // so the server's threads inherit the mask; dropped after the main loop
+    // has joined the vCPUs.
+    let _api = match crate::api::ApiServer::start(socket, running.handle()) {
+        Ok(server) => server,
+        Err(e) => {
+            running.abort("the API server failed");
+            report_error(&format!("cannot start the API server: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    crate::milestone!("API serving");
+    match running.wait(inst.service.shutdown_timeout, &mut sup) {
+        Ok(outcome) => report_outcome(&outcome).into(),
         Err(e) => {
             report_error(&e);
             ExitCode::FAILURE
@@ -70,12 +89,12 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
 /// Logs how the VM ended and returns the VMM's exit status for it
 /// (`ExitOutcome::exit_status`: 0 power-off or host stop, 3 reboot,
 /// 4 kernel panic, 1 guest fault).
-fn report_outcome(outcome: &ExitOutcome) -> u8 {
+fn report_outcome(outcome: &ExitOutcome) -> ExitStatus {
     let status = outcome.exit_status();
     match status {
         // A reboot is the guest's own wish: the supervisor starts it again.
-        SUCCESS | GUEST_RESET => log::info!("{outcome}"),
-        GUEST_PANIC => log::error!("{outcome}"),
+        ExitStatus::Success | ExitStatus::GuestReset => log::info!("{outcome}"),
+        ExitStatus::GuestPanic => log::error!("{outcome}"),
         _ => report_error(outcome),
     }
     status

@@ -1,59 +1,28 @@
 //! The memory half of the STATUS= line: how much of this VM's guest RAM is
-//! resident and how much of it KSM has merged, from the stats module's
-//! sampler (mincore and ksm_stat: cheap enough for every few seconds).
+//! resident and how much of it KSM has merged, from the running VM's own
+//! sampler (mincore and ksm_stat: cheap enough for every few seconds) and
+//! its live merge setting, so the line follows `PUT /actions ksm_merge`.
 
 use std::time::Duration;
 
-use vm_memory::GuestMemoryMmap;
-
-use crate::stats::Sampler;
+use crate::vm::VmHandle;
 
 /// Pss and the other smaps-only figures are not on the line; a full smaps
 /// pass (which walks every page table entry) is needed only this rarely.
 const DETAIL_AGE: Duration = Duration::from_secs(300);
 
-pub struct MemStatus {
-    sampler: Option<Sampler>,
-    guest_bytes: u64,
-    ksm: bool,
-}
-
-impl MemStatus {
-    pub fn new(mem: &GuestMemoryMmap, ksm: bool) -> Self {
-        let regions: Vec<(u64, u64)> = crate::memory::host_regions(mem)
-            .into_iter()
-            .map(|r| (r.host_addr, r.len))
-            .collect();
-        let guest_bytes = regions.iter().map(|r| r.1).sum();
-        let sampler = match Sampler::new(regions) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                log::warn!("memory status unavailable: {e}");
-                None
-            }
-        };
-        Self {
-            sampler,
-            guest_bytes,
-            ksm,
-        }
-    }
-
-    /// E.g. `guest RAM 256 MiB: resident 80.2 MiB, KSM-merged 41.0 MiB`.
-    pub fn line(&mut self) -> String {
-        let sample = self.sampler.as_mut().map(|s| s.sample_fresh(DETAIL_AGE));
-        match sample {
-            Some(Ok(st)) => status_text(
-                self.guest_bytes,
-                self.ksm,
-                st.guest_ram.rss,
-                st.guest_ram.ksm,
-            ),
-            Some(Err(e)) => {
-                log::debug!("memory status: {e}");
-                "memory unknown".into()
-            }
-            None => "memory unknown".into(),
+/// E.g. `guest RAM 256 MiB: resident 80.2 MiB, KSM-merged 41.0 MiB`.
+pub fn line(vm: &VmHandle) -> String {
+    match vm.sample(DETAIL_AGE) {
+        Ok(st) => status_text(
+            vm.mem_bytes(),
+            vm.mergeable(),
+            st.guest_ram.rss,
+            st.guest_ram.ksm,
+        ),
+        Err(e) => {
+            log::debug!("memory status: {e}");
+            "memory unknown".into()
         }
     }
 }
@@ -96,13 +65,20 @@ mod tests {
     }
 
     #[test]
-    fn samples_this_process() {
+    fn follows_the_live_merge_setting() {
         use vm_memory::Bytes;
-        let mem = crate::memory::create(8 << 20).unwrap();
-        mem.write_slice(&vec![1u8; 1 << 20], vm_memory::GuestAddress(0))
+        let vm = crate::vm::VmHandle::for_tests("memstatus", 8, true);
+        vm.mem()
+            .write_slice(&vec![1u8; 1 << 20], vm_memory::GuestAddress(0))
             .unwrap();
-        let line = MemStatus::new(&mem, true).line();
-        assert!(line.starts_with("guest RAM 8 MiB: resident "), "{line}");
-        assert!(!line.contains("resident 0.0 MiB"), "{line}");
+        let on = line(&vm);
+        assert!(on.starts_with("guest RAM 8 MiB: resident "), "{on}");
+        assert!(!on.contains("resident 0.0 MiB"), "{on}");
+        assert!(on.contains("KSM-merged"), "{on}");
+        // As after PUT /actions ksm_unmerge: the next line says so.
+        vm.set_mergeable(false).unwrap();
+        assert!(line(&vm).ends_with("KSM off"), "{}", line(&vm));
+        vm.set_mergeable(true).unwrap();
+        assert!(line(&vm).contains("KSM-merged"), "{}", line(&vm));
     }
 }

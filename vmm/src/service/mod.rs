@@ -10,8 +10,9 @@ mod watchdog;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use sd_notify::NotifyState;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use marker::MarkerWatch;
@@ -20,7 +21,7 @@ use watchdog::{Watchdog, WatchdogAction};
 use crate::config::SerialSink;
 use crate::devices::serial::SerialOut;
 use crate::instance::{ReadyMode, ServiceConfig};
-use crate::vm::Supervisor;
+use crate::vm::{Supervisor, VmHandle};
 
 /// How often the STATUS= memory line is refreshed.
 const STATUS_PERIOD: Duration = Duration::from_secs(5);
@@ -43,9 +44,8 @@ pub struct SystemdSupervisor {
     ready_evt: Option<EventFd>,
     watchdog_stop_after: Option<Duration>,
     watchdog: Option<Watchdog>,
-    /// Set once the VM runs (it needs the guest memory).
-    mem_status: Option<memstatus::MemStatus>,
-    ksm: bool,
+    /// Set once the VM runs: its figures and live settings for STATUS=.
+    vm: Option<Arc<VmHandle>>,
     phase: Phase,
     next_status: Option<Instant>,
     last_status: String,
@@ -57,7 +57,6 @@ impl SystemdSupervisor {
     /// after that long, to test that systemd restarts a silent VMM.
     pub fn new(
         service: &ServiceConfig,
-        ksm: bool,
         watchdog_stop_after: Option<Duration>,
     ) -> std::io::Result<Self> {
         let ready_evt = match service.ready {
@@ -70,8 +69,7 @@ impl SystemdSupervisor {
             ready_evt,
             watchdog_stop_after,
             watchdog: None,
-            mem_status: None,
-            ksm,
+            vm: None,
             phase: Phase::Booting,
             next_status: None,
             last_status: String::new(),
@@ -113,9 +111,9 @@ impl SystemdSupervisor {
 
     fn running_status(&mut self) -> String {
         let mem = self
-            .mem_status
-            .as_mut()
-            .map_or_else(|| "memory unknown".into(), memstatus::MemStatus::line);
+            .vm
+            .as_deref()
+            .map_or_else(|| "memory unknown".into(), memstatus::line);
         format!("running; {mem}")
     }
 
@@ -136,9 +134,9 @@ impl SystemdSupervisor {
 }
 
 impl Supervisor for SystemdSupervisor {
-    fn started(&mut self, mem: &GuestMemoryMmap) {
+    fn started(&mut self, vm: &Arc<VmHandle>) {
         let now = Instant::now();
-        self.mem_status = Some(memstatus::MemStatus::new(mem, self.ksm));
+        self.vm = Some(vm.clone());
         if let Some(timeout) = sd_notify::watchdog_enabled() {
             log::info!(
                 "systemd watchdog: {timeout:?}; pinging every {:?}",

@@ -23,8 +23,10 @@ pub enum ActivateError {
 
 /// A virtio device model. All methods run with the transport's lock held,
 /// either on a vCPU thread (configuration space, reset, activation) or on
-/// the device event loop (queues and event sources).
-pub trait VirtioDevice: Send {
+/// the device event loop (queues and event sources). `Any`, so that the
+/// running VM can reach a device by id as its own type
+/// ([`super::Devices::with_device`]).
+pub trait VirtioDevice: Send + std::any::Any {
     /// VIRTIO_ID_* of this device.
     fn device_type(&self) -> u32;
 

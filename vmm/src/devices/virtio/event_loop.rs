@@ -119,10 +119,10 @@ pub(crate) fn spawn(devices: Vec<LoopDevice>) -> Result<EventLoopHandle, EventLo
             add(src.fd, events, token(d, KIND_SOURCE, s))?;
         }
     }
-    let thread = std::thread::Builder::new()
-        .name("virtio-devices".into())
-        .spawn(move || run(epoll, devices))
-        .map_err(EventLoopError::Spawn)?;
+    let thread = crate::threads::spawn(crate::threads::ThreadKind::VirtioDevices, move || {
+        run(epoll, devices)
+    })
+    .map_err(EventLoopError::Spawn)?;
     Ok(EventLoopHandle {
         exit,
         thread: Some(thread),

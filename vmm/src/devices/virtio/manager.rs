@@ -9,7 +9,8 @@
 //! }
 //! let (balloon, balloon_handle) = Balloon::new(&cfg.balloon, &mem)?;
 //! virtio.add(balloon, &mut mmio_bus, &vm_fd, &mut cmdline_extra)?;
-//! let devices = virtio.start()?; // stop() and join() it on VM exit
+//! let (event_loop, devices) = virtio.start()?; // stop() and join() the loop on VM exit
+//! devices.with_device::<Balloon, _>("balloon0", |b| b.handle())?;
 //! ```
 
 use std::io;
@@ -23,6 +24,7 @@ use super::device::VirtioDevice;
 use super::event_loop::{self, EventLoopError, EventLoopHandle, LoopDevice};
 use super::interrupt::Interrupt;
 use super::mmio::{MmioTransport, TransportError, REG_QUEUE_NOTIFY};
+use super::registry::Devices;
 use crate::arch::x86_64::layout::{
     virtio_irq, IRQ_ACPI_SCI, IRQ_MAX, IRQ_VIRTIO_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
@@ -199,9 +201,16 @@ impl VirtioDevices {
         self.devices.iter().map(|(info, _)| info)
     }
 
-    /// Starts the device event loop thread.
-    pub fn start(self) -> Result<EventLoopHandle, EventLoopError> {
-        event_loop::spawn(self.devices.into_iter().map(|(_, d)| d).collect())
+    /// Starts the device event loop thread; the devices stay reachable by
+    /// id through the returned registry.
+    pub fn start(self) -> Result<(EventLoopHandle, Devices), EventLoopError> {
+        let mut registry = Devices::default();
+        let mut loop_devices = Vec::with_capacity(self.devices.len());
+        for (info, d) in self.devices {
+            registry.push(info, d.transport.clone());
+            loop_devices.push(d);
+        }
+        Ok((event_loop::spawn(loop_devices)?, registry))
     }
 }
 

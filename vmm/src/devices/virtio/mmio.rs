@@ -151,6 +151,11 @@ impl MmioTransport {
         self.device.device_type()
     }
 
+    /// The device model, for the VM's by-id access (`Devices::with_device`).
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
     pub fn num_queues(&self) -> usize {
         self.queues.len()
     }

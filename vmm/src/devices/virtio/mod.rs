@@ -9,7 +9,8 @@
 //! - [`block`], [`net`], [`balloon`], [`rng`]: the device models.
 //! - [`manager`]: places devices in the MMIO gap, wires their irqfd and
 //!   ioeventfds into KVM and builds the guest command line; [`event_loop`]
-//!   is the one thread on which all device work runs.
+//!   is the one thread on which all device work runs; [`registry`] finds a
+//!   running device by id.
 //! - [`config`]: the user-facing device options (CLI and TOML).
 //!
 //! A guest controls everything in its rings. Nothing a guest writes may
@@ -32,6 +33,7 @@ pub mod manager;
 pub mod mmio;
 pub mod net;
 pub mod queue;
+pub mod registry;
 pub mod rng;
 
 /// Test and fuzzing scaffolding: the unit tests' harness, public only with
@@ -44,6 +46,7 @@ pub use config::{BalloonConfig, DiskConfig, MacAddr, NetConfig, RngConfig};
 pub use device::VirtioDevice;
 pub use event_loop::{EventLoopError, EventLoopHandle};
 pub use manager::{DeviceInfo, EventRegistrar, ManagerError, VirtioDevices};
+pub use registry::{DeviceId, DeviceLookupError, Devices, BALLOON_ID};
 
 pub use balloon::{Balloon, BalloonHandle, BalloonStats};
 pub use block::Block;

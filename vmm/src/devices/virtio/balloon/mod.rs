@@ -13,7 +13,8 @@
 //! dropped pages read back as. Dropped pages read back as zero, so ranges
 //! are dropped only while the driver's `poison_val` is 0.
 //!
-//! The API thread talks to the device through a [`BalloonHandle`]: it sets
+//! The API thread talks to the device through a [`BalloonHandle`] (which
+//! it gets from the device, found by id in the running VM): it sets
 //! the target (`num_pages` in config space) and reads `actual` and the
 //! latest statistics. A target change wakes the event loop, which raises
 //! the configuration-change interrupt.
@@ -215,6 +216,13 @@ impl Balloon {
             poison_val: 0,
         };
         Ok((balloon, handle))
+    }
+
+    /// The API's side of this balloon (target, actual, statistics).
+    pub fn handle(&self) -> BalloonHandle {
+        BalloonHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Drops the host pages of every PFN in the chain (inflate), or just

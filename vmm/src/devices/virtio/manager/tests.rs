@@ -14,6 +14,7 @@ use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::config::{BalloonConfig, MacAddr};
 use crate::devices::virtio::mmio::*;
 use crate::devices::virtio::net::Net;
+use crate::devices::virtio::registry::{DeviceLookupError, BALLOON_ID};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::test_util::*;
 
@@ -222,9 +223,22 @@ fn the_event_loop_serves_queues_sources_and_config_changes() {
         MacAddr([6, 0, 0, 0, 0, 1]),
     );
     devices.add(net, &mut bus, &vm, &mut cmdline).unwrap();
-    let (balloon, handle) = Balloon::new(&BalloonConfig::default(), &mem).unwrap();
+    let (balloon, _) = Balloon::new(&BalloonConfig::default(), &mem).unwrap();
     devices.add(balloon, &mut bus, &vm, &mut cmdline).unwrap();
-    let running = devices.start().unwrap();
+    let (running, registry) = devices.start().unwrap();
+    let ids: Vec<&str> = registry.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["rng0", "net0", "balloon0"]);
+    assert_eq!(
+        registry.with_device::<Rng, _>("balloon0", |_| ()),
+        Err(DeviceLookupError::WrongType {
+            id: "balloon0".into(),
+            want: "Rng"
+        })
+    );
+    assert_eq!(
+        registry.with_device::<Rng, _>("disk0", |_| ()),
+        Err(DeviceLookupError::NotFound("disk0".into()))
+    );
 
     let v1 = 1u64 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
     // rng: a request, notified through the register (no ioeventfd here).
@@ -267,7 +281,11 @@ fn the_event_loop_serves_queues_sources_and_config_changes() {
     let bq1 = GuestQueue::new(&mem, 0x9_0000, 16);
     bring_up(&bus, 0xc000_2000, v1, &[&bq0, &bq1]);
     let _ = vm.irqfds.lock().unwrap()[2].0.read();
-    handle.set_target_mib(2).unwrap();
+    // Reached by id, as the API reaches it.
+    registry
+        .with_device::<Balloon, _>(BALLOON_ID, |b| b.handle().set_target_mib(2))
+        .unwrap()
+        .unwrap();
     assert!(
         wait_readable(vm.irq_fd(2), 2000),
         "balloon config interrupt"
@@ -304,6 +322,7 @@ fn registers_with_a_real_kvm_vm() {
     let (balloon, _) = Balloon::new(&BalloonConfig::default(), &mem).unwrap();
     devices.add(balloon, &mut bus, &vm, &mut cmdline).unwrap();
     assert_eq!(cmdline.len(), 2);
-    let running = devices.start().unwrap();
+    let (running, registry) = devices.start().unwrap();
+    assert_eq!(registry.iter().count(), 2);
     drop(running);
 }

@@ -1,0 +1,102 @@
+//! The VMM's threads by kind, and the one place that starts them.
+//!
+//! Each kind handles different input (a vCPU: guest exits; the device loop:
+//! guest rings and TAP frames; the API: client requests), so each will get
+//! its own seccomp filter (docs/architecture.md). Every thread the VMM
+//! starts is spawned by [`spawn`], or, for the HTTP server's tokio pool,
+//! named by [`ThreadKind::name`]: nothing else in the crate calls
+//! `std::thread::Builder`.
+
+use std::io;
+use std::thread::JoinHandle;
+
+/// What a VMM thread does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// Runs one vCPU (KVM_RUN and the exits it returns).
+    Vcpu(u32),
+    /// Runs every virtio device's queues and event sources.
+    VirtioDevices,
+    /// The control API's HTTP server (its tokio runtime).
+    Api,
+    /// The API's blocking pool: one request's handler (sampling, madvise).
+    ApiWorker,
+    /// The Prometheus exporter's HTTP server (`ksmvm exporter`).
+    Exporter,
+    /// The exporter's blocking pool.
+    ExporterWorker,
+}
+
+impl ThreadKind {
+    /// The thread's name as /proc/PID/task/TID/comm shows it (at most 15
+    /// bytes; longer names are cut by the kernel).
+    pub fn name(&self) -> String {
+        match self {
+            ThreadKind::Vcpu(i) => format!("vcpu{i}"),
+            ThreadKind::VirtioDevices => "virtio-devices".into(),
+            ThreadKind::Api => "api".into(),
+            ThreadKind::ApiWorker => "api-worker".into(),
+            ThreadKind::Exporter => "exporter".into(),
+            ThreadKind::ExporterWorker => "exporter-worker".into(),
+        }
+    }
+
+    /// The kind of the pool threads serving requests for this server kind.
+    pub fn worker(&self) -> ThreadKind {
+        match self {
+            ThreadKind::Exporter | ThreadKind::ExporterWorker => ThreadKind::ExporterWorker,
+            _ => ThreadKind::ApiWorker,
+        }
+    }
+}
+
+/// Starts `f` on a new thread of `kind`.
+pub fn spawn<T, F>(kind: ThreadKind, f: F) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    std::thread::Builder::new()
+        .name(kind.name())
+        .spawn(move || {
+            log::debug!("thread {} started", kind.name());
+            f()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_comm_and_differ() {
+        let kinds = [
+            ThreadKind::Vcpu(0),
+            ThreadKind::Vcpu(254),
+            ThreadKind::VirtioDevices,
+            ThreadKind::Api,
+            ThreadKind::ApiWorker,
+            ThreadKind::Exporter,
+            ThreadKind::ExporterWorker,
+        ];
+        let names: Vec<String> = kinds.iter().map(ThreadKind::name).collect();
+        for n in &names {
+            assert!(n.len() <= 15, "{n} is longer than comm allows");
+        }
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len());
+    }
+
+    #[test]
+    fn spawned_threads_carry_their_kind_name() {
+        let name = spawn(ThreadKind::VirtioDevices, || {
+            std::thread::current().name().map(str::to_owned)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+        assert_eq!(name.as_deref(), Some("virtio-devices"));
+    }
+}
