@@ -17,8 +17,8 @@ use crate::arch::x86_64::e820_map;
 use crate::arch::x86_64::layout::{
     self, ACPI_PM_PORT, ACPI_PM_PORTS, IRQ_I8042, IRQ_SERIAL, MMIO_GAP_START, PVPANIC_PORT,
 };
-use crate::arch::x86_64::mptable::{self, MpTableError, MAX_CPUS};
-use crate::config::{ConfigError, SerialSink, VmConfig};
+use crate::arch::x86_64::mptable::{self, MpTableError};
+use crate::config::{SerialSink, ValidVmConfig, VmConfig};
 use crate::devices::acpi::{AcpiPm, PvPanic};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
@@ -44,8 +44,6 @@ pub enum BuildError {
         op: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -81,7 +79,6 @@ impl HasExitStatus for BuildError {
         use ExitStatus::{BadInput, Failure};
         match self {
             BuildError::KvmOpen(_)
-            | BuildError::Config(_)
             | BuildError::SerialFile { .. }
             | BuildError::Disk(_)
             | BuildError::Tap(_) => BadInput,
@@ -132,24 +129,20 @@ fn serial_out(sink: &SerialSink) -> Result<SerialOut, BuildError> {
     })
 }
 
-/// The largest vCPU count this host's KVM and our MP table allow.
-pub fn max_vcpus(kvm: &Kvm) -> u32 {
-    (kvm.get_max_vcpus() as u32).min(MAX_CPUS)
-}
-
 /// Builds a VM ready to run.
-pub fn build(config: VmConfig) -> Result<Vm, BuildError> {
+pub fn build(config: ValidVmConfig) -> Result<Vm, BuildError> {
     build_with(config, Ok)
 }
 
 /// Builds a VM whose serial output passes through `serial_tap` on its way
 /// to the configured sink (the service layer watches it for a ready marker).
 pub fn build_with(
-    config: VmConfig,
+    config: ValidVmConfig,
     serial_tap: impl FnOnce(SerialOut) -> std::io::Result<SerialOut>,
 ) -> Result<Vm, BuildError> {
+    // Validated against this host's limits by `config::resolve`.
+    let config = config.into_inner();
     let kvm = Kvm::new().map_err(BuildError::KvmOpen)?;
-    config.validate(max_vcpus(&kvm))?;
     if !kvm.check_extension(Cap::Irqchip) {
         return Err(BuildError::Kvm {
             op: "KVM_CAP_IRQCHIP check",

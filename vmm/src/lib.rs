@@ -8,7 +8,6 @@
 pub mod api;
 pub mod arch;
 pub mod builder;
-pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod instance;
@@ -19,6 +18,7 @@ pub mod outcome;
 pub mod service;
 pub mod shutdown;
 pub mod stats;
+pub mod telemetry;
 pub mod threads;
 pub mod vcpu;
 pub mod vm;

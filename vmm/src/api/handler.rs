@@ -4,9 +4,9 @@
 use serde::Serialize;
 
 use super::backend::{BackendError, VmBackend};
-use super::metrics;
 use super::routes::{self, Endpoint, RouteError};
 use super::types::{ActionRequest, BalloonRequest, ErrorBody};
+use crate::telemetry as metrics;
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY_BYTES: u64 = 64 * 1024;

@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
 use super::handler::{Reply, MAX_BODY_BYTES};
+use crate::threads::{self, ThreadKind};
 
 /// Answers one request: (method, request target, body).
 pub type Handler = Arc<dyn Fn(&str, &str, &[u8]) -> Reply + Send + Sync>;
@@ -76,10 +77,12 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    pub fn spawn(name: &str, listener: Listener, handler: Handler) -> std::io::Result<Self> {
+    /// Serves on a thread of `kind`; its request handlers run on threads
+    /// of `kind.worker()`.
+    pub fn spawn(kind: ThreadKind, listener: Listener, handler: Handler) -> std::io::Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .thread_name(format!("{name}-blocking"))
+            .thread_name(kind.worker().name())
             .build()?;
         let listener = {
             // from_std registers with the runtime's reactor.
@@ -87,12 +90,10 @@ impl HttpServer {
             AsyncListener::new(listener)?
         };
         let (stop_tx, stop_rx) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || {
-                rt.block_on(serve(listener, handler, stop_rx));
-                rt.shutdown_timeout(STOP_GRACE);
-            })?;
+        let thread = threads::spawn(kind, move || {
+            rt.block_on(serve(listener, handler, stop_rx));
+            rt.shutdown_timeout(STOP_GRACE);
+        })?;
         Ok(Self {
             stop: Some(stop_tx),
             thread: Some(thread),

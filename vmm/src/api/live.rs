@@ -10,7 +10,7 @@ use crate::stats::VmStats;
 use crate::vm::{VmHandle, VmHandleError};
 
 use super::backend::{BackendError, VmBackend};
-use super::types::{Action, BalloonInfo, OnOff, VmInfo, VmState};
+use super::types::{Action, BalloonInfo, VmInfo};
 
 /// How old the smaps-derived figures (Pss, swap, overhead) of `/stats` may
 /// be; residency and KSM counters are read on every request (docs/stats.md).
@@ -37,21 +37,7 @@ fn balloon(vm: &VmHandle) -> Option<BalloonHandle> {
 
 impl VmBackend for VmHandle {
     fn info(&self) -> VmInfo {
-        let id = self.identity();
-        VmInfo {
-            name: id.name.clone(),
-            state: if self.is_paused() {
-                VmState::Paused
-            } else {
-                VmState::Running
-            },
-            pid: std::process::id(),
-            vcpus: id.vcpus,
-            mem_mib: id.mem_mib,
-            kernel: id.kernel.display().to_string(),
-            uptime_s: (self.uptime().as_secs_f64() * 1000.0).round() / 1000.0,
-            ksm: OnOff::from(self.mergeable()),
-        }
+        VmHandle::info(self)
     }
 
     fn stats(&self) -> Result<VmStats, BackendError> {

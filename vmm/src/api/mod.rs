@@ -9,11 +9,8 @@
 mod backend;
 mod client;
 mod handler;
-mod host;
 mod http;
 mod live;
-mod metrics;
-mod paths;
 pub mod routes;
 mod server;
 mod socket;
@@ -22,15 +19,8 @@ mod types;
 pub use backend::{BackendError, VmBackend};
 pub use client::{parse_response, ApiClient, ClientError, ClientResponse};
 pub use handler::{handle, Reply, MAX_BODY_BYTES};
-pub use host::{page_size, HostSample};
 pub use http::{Handler, HttpServer, Listener};
 pub use live::STATS_DETAIL_MAX_AGE;
-pub use metrics::{
-    render_vm, Exposition, Kind as MetricKind, CONTENT_TYPE as METRICS_CONTENT_TYPE,
-};
-pub use paths::{
-    list_sockets, runtime_dir, socket_path, socket_path_in, DEFAULT_RUNTIME_DIR, RUNTIME_DIR_ENV,
-};
 pub use server::ApiServer;
 pub use socket::{ApiSocket, SocketError, SocketFile};
 pub use types::{Action, ActionRequest, ErrorBody, OnOff, VmInfo, VmState};

@@ -20,7 +20,7 @@ impl ApiServer {
     pub fn start(socket: ApiSocket, vm: Arc<dyn VmBackend>) -> std::io::Result<Self> {
         let ApiSocket { listener, file } = socket;
         let http = HttpServer::spawn(
-            "api",
+            crate::threads::ThreadKind::Api,
             Listener::Unix(listener),
             Arc::new(move |method: &str, target: &str, body: &[u8]| {
                 handler::handle(vm.as_ref(), method, target, body)

@@ -1,69 +1,14 @@
 //! The JSON bodies of the control API, shared by the server and its clients.
+//! `GET /` answers the core's [`VmInfo`]; on/off values are the settings'
+//! [`OnOff`].
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// Whether the vCPUs run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmState {
-    Running,
-    Paused,
-}
-
-impl fmt::Display for VmState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Running => "running",
-            Self::Paused => "paused",
-        })
-    }
-}
-
-/// Whether guest RAM is a KSM merge candidate (MADV_MERGEABLE) right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnOff {
-    On,
-    Off,
-}
-
-impl From<bool> for OnOff {
-    fn from(on: bool) -> Self {
-        if on {
-            Self::On
-        } else {
-            Self::Off
-        }
-    }
-}
-
-impl fmt::Display for OnOff {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::On => "on",
-            Self::Off => "off",
-        })
-    }
-}
-
-/// `GET /`: what the VM is.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VmInfo {
-    pub name: String,
-    pub state: VmState,
-    /// The VMM process.
-    pub pid: u32,
-    pub vcpus: u32,
-    pub mem_mib: u64,
-    /// Path of the guest kernel image.
-    pub kernel: String,
-    /// Seconds since the vCPUs started.
-    pub uptime_s: f64,
-    pub ksm: OnOff,
-}
+pub use crate::config::OnOff;
+pub use crate::vm::{VmInfo, VmState};
 
 /// `GET /balloon`: the balloon's target, what the guest has given, and the
 /// guest's latest memory statistics (when the stats queue is on).

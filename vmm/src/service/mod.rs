@@ -19,8 +19,8 @@ pub use marker::MarkerWatch;
 use watchdog::{Watchdog, WatchdogAction};
 
 use crate::config::SerialSink;
+use crate::config::{ReadyMode, ServiceConfig};
 use crate::devices::serial::SerialOut;
-use crate::instance::{ReadyMode, ServiceConfig};
 use crate::vm::{Supervisor, VmHandle};
 
 /// How often the STATUS= memory line is refreshed.

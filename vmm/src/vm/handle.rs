@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemoryMmap;
 
+use super::info::{VmInfo, VmState};
+use crate::config::OnOff;
 use crate::devices::bus::lock;
 use crate::devices::virtio::{DeviceId, DeviceInfo, DeviceLookupError, Devices, VirtioDevice};
 use crate::memory::{self, MemoryError};
@@ -128,6 +130,25 @@ impl VmHandle {
             Vec::new(),
             Devices::default(),
         )
+    }
+
+    /// What the VM is now (`GET /`, `ksmvm list`, the metrics).
+    pub fn info(&self) -> VmInfo {
+        let id = &self.identity;
+        VmInfo {
+            name: id.name.clone(),
+            state: if self.is_paused() {
+                VmState::Paused
+            } else {
+                VmState::Running
+            },
+            pid: std::process::id(),
+            vcpus: id.vcpus,
+            mem_mib: id.mem_mib,
+            kernel: id.kernel.display().to_string(),
+            uptime_s: (self.uptime().as_secs_f64() * 1000.0).round() / 1000.0,
+            ksm: OnOff::from(self.mergeable()),
+        }
     }
 
     pub fn identity(&self) -> &VmIdentity {

@@ -4,6 +4,7 @@
 //! (API, supervisor, CLI) holds.
 
 mod handle;
+mod info;
 mod run_loop;
 mod supervisor;
 
@@ -18,6 +19,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use handle::{VmHandle, VmHandleError, VmIdentity, VCPU_ANSWER_TIMEOUT};
+pub use info::{VmInfo, VmState};
 pub use run_loop::RunningVm;
 pub use supervisor::{NoSupervisor, Supervisor};
 

@@ -1,37 +1,78 @@
-//! The instance settings as written in a TOML file or given as flags: every
-//! field optional, so that a flag can override exactly what it names.
+//! The instance settings: one type that is both the `ksmvm run` flags
+//! (clap, flattened into the run command) and an instance file's keys
+//! (serde, TOML). Every field is optional, so that a flag overrides exactly
+//! what it names; `resolve` fills in the defaults and validates.
+//!
+//! Adding a setting: a field here (its doc comment is the flag's help),
+//! its line in `for_each_setting!`, and its use in `resolve`.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::ReadyMode;
-use crate::config::SerialSink;
-use crate::devices::virtio::{BalloonConfig, DiskConfig, NetConfig};
+use super::devices::{BalloonConfig, DiskConfig, NetConfig};
+use super::{OnOff, ReadyMode, SerialSink};
 
-/// One instance file (`/etc/ksmvm/NAME.toml`). The keys are the `ksmvm run`
-/// flags with `_` for `-` (`[[disk]]`, `[[net]]` and `[balloon]` are tables
-/// with the keys of `--disk`, `--net` and `--balloon`); unknown keys are
-/// errors.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// One instance file (`/etc/ksmvm/NAME.toml`) or the flags of `ksmvm run`.
+/// The keys are the flags with `_` for `-` (`[[disk]]`, `[[net]]` and
+/// `[balloon]` are tables with the keys of `--disk`, `--net` and
+/// `--balloon`); unknown keys are errors.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// VM name (used for the API socket and in statistics) [default: the
+    /// instance file's name, else "vm"].
+    #[arg(long)]
     pub name: Option<String>,
+    /// Guest kernel: an ELF vmlinux or a bzImage with a 64-bit entry point.
+    #[arg(long)]
     pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// Kernel command line [default: serial console, reboot via i8042].
+    #[arg(long)]
     pub cmdline: Option<String>,
+    /// Guest memory in MiB [default: 256].
+    #[arg(long)]
     pub mem_mib: Option<u64>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long)]
     pub vcpus: Option<u32>,
-    pub ksm: Option<bool>,
+    /// Mark guest memory MADV_MERGEABLE for KSM: on or off [default: on].
+    #[arg(long)]
+    pub ksm: Option<OnOff>,
+    /// Guest serial output: stdout, file:PATH or none [default: stdout].
+    #[arg(long)]
     pub serial: Option<SerialSink>,
+    /// Control API socket (default: RUNTIME_DIR/NAME.sock, where RUNTIME_DIR
+    /// is $KSMVM_RUNTIME_DIR or /run/ksmvm).
+    #[arg(long)]
     pub api_sock: Option<PathBuf>,
-    /// `--disk` flags replace the whole list, as do `--net` flags.
+    /// A virtio-blk disk: path=FILE[,ro=on][,id=NAME] (repeatable; replaces
+    /// the instance file's disks).
+    #[arg(long, value_name = "path=FILE[,ro=on][,id=NAME]")]
     pub disk: Option<Vec<DiskConfig>>,
+    /// A virtio-net device on an existing TAP: tap=NAME[,mac=MAC]
+    /// (repeatable; replaces the instance file's nets).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     pub net: Option<Vec<NetConfig>>,
+    /// A virtio balloon: [deflate-on-oom=on][,free-page-reporting=on][,stats-interval-s=N].
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS")]
     pub balloon: Option<BalloonConfig>,
-    pub rng: Option<bool>,
+    /// The virtio entropy device: on or off [default: on].
+    #[arg(long)]
+    pub rng: Option<OnOff>,
+    /// Seconds a guest asked to shut down (SIGTERM) may take before the VM
+    /// is stopped; 0 stops it at once [default: 0].
+    #[arg(long, value_name = "SECONDS")]
     pub shutdown_timeout_s: Option<u64>,
+    /// When to tell systemd the VM is ready: running (vCPUs started) or
+    /// guest (the guest printed --ready-marker) [default: running].
+    #[arg(long)]
     pub ready: Option<ReadyMode>,
+    /// Serial output that means the guest is up (for --ready guest).
+    #[arg(long, value_name = "TEXT")]
     pub ready_marker: Option<String>,
 }
 
@@ -114,6 +155,43 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The flags parse into the same type the file does.
+    #[derive(clap::Parser, Debug)]
+    struct Flags {
+        #[command(flatten)]
+        s: Settings,
+    }
+
+    #[test]
+    fn flags_parse_into_settings() {
+        use clap::Parser;
+        let f = Flags::try_parse_from([
+            "run",
+            "--kernel",
+            "/k",
+            "--ksm",
+            "off",
+            "--rng",
+            "true",
+            "--disk",
+            "path=/a",
+            "--disk",
+            "path=/b,ro=on",
+            "--balloon",
+        ])
+        .unwrap();
+        assert_eq!(f.s.kernel.as_deref(), Some(Path::new("/k")));
+        assert_eq!(f.s.ksm, Some(OnOff::Off));
+        assert_eq!(f.s.rng, Some(OnOff::On));
+        assert_eq!(f.s.disk.as_ref().map(Vec::len), Some(2));
+        assert_eq!(f.s.balloon, Some(BalloonConfig::default()));
+        // Flags not given stay unset, so they override nothing.
+        assert_eq!(f.s.net, None);
+        assert_eq!(f.s.mem_mib, None);
+        let e = Flags::try_parse_from(["run", "--ksm", "yes"]).unwrap_err();
+        assert!(e.to_string().contains("expected on or off"), "{e}");
+    }
 
     #[test]
     fn overlay_takes_only_given_values() {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::api::ClientError;
+use ksmvm::api::ClientError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -19,7 +19,7 @@ pub enum CliError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] ksmvm::config::ConfigError),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
     #[error(transparent)]

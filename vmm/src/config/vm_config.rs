@@ -1,11 +1,14 @@
-//! The VM configuration and its validation. Everything the builder needs is
-//! checked here first, so that bad input gets one clear error.
+//! The VM configuration the builder takes, and its validation: the builder
+//! accepts only a [`ValidVmConfig`], which only [`VmConfig::validate`]
+//! makes, so every value is checked once, against the host's limits, and
+//! bad input gets one clear error before anything is built.
 
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::host::HostLimits;
 use crate::arch::x86_64::layout::{MAX_MEM_MIB, MIN_MEM_MIB};
 use crate::devices::virtio::{BalloonConfig, DiskConfig, NetConfig};
 
@@ -72,7 +75,9 @@ pub enum ConfigError {
     Serial(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Made by `config::resolve` from the settings; serialisable, for a
+/// snapshot to record what it was taken of.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VmConfig {
     pub name: String,
     pub kernel: PathBuf,
@@ -85,25 +90,22 @@ pub struct VmConfig {
     /// Mark guest RAM MADV_MERGEABLE.
     pub ksm: bool,
     /// virtio-blk disks, in the order the guest sees them.
-    #[serde(default)]
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices backed by existing TAP devices.
-    #[serde(default)]
     pub nets: Vec<NetConfig>,
-    #[serde(default)]
     pub balloon: Option<BalloonConfig>,
     /// The virtio entropy device.
-    #[serde(default = "default_true")]
     pub rng: bool,
 }
 
-fn default_true() -> bool {
-    true
-}
-
 impl VmConfig {
-    /// Checks everything that does not need the host; `max_vcpus` comes from KVM.
-    pub fn validate(&self, max_vcpus: u32) -> Result<(), ConfigError> {
+    /// Checks every value, the vCPU count against `host`'s limit.
+    pub fn validate(self, host: &HostLimits) -> Result<ValidVmConfig, ConfigError> {
+        self.check(host.max_vcpus)?;
+        Ok(ValidVmConfig(self))
+    }
+
+    fn check(&self, max_vcpus: u32) -> Result<(), ConfigError> {
         validate_name(&self.name)?;
         if self.mem_mib < MIN_MEM_MIB {
             return Err(ConfigError::MemTooSmall { mib: self.mem_mib });
@@ -129,6 +131,23 @@ impl VmConfig {
 
     pub fn mem_bytes(&self) -> u64 {
         self.mem_mib << 20
+    }
+}
+
+/// A [`VmConfig`] that passed [`VmConfig::validate`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ValidVmConfig(VmConfig);
+
+impl std::ops::Deref for ValidVmConfig {
+    type Target = VmConfig;
+    fn deref(&self) -> &VmConfig {
+        &self.0
+    }
+}
+
+impl ValidVmConfig {
+    pub fn into_inner(self) -> VmConfig {
+        self.0
     }
 }
 
@@ -169,25 +188,22 @@ mod tests {
 
     #[test]
     fn validation_names_the_problem() {
-        assert_eq!(cfg().validate(2), Ok(()));
+        assert_eq!(cfg().check(2), Ok(()));
         let c = VmConfig {
             mem_mib: 1,
             ..cfg()
         };
-        assert_eq!(c.validate(2), Err(ConfigError::MemTooSmall { mib: 1 }));
+        assert_eq!(c.check(2), Err(ConfigError::MemTooSmall { mib: 1 }));
         let c = VmConfig {
             mem_mib: MAX_MEM_MIB + 1,
             ..cfg()
         };
-        assert!(matches!(
-            c.validate(2),
-            Err(ConfigError::MemTooLarge { .. })
-        ));
+        assert!(matches!(c.check(2), Err(ConfigError::MemTooLarge { .. })));
         let c = VmConfig { vcpus: 0, ..cfg() };
-        assert_eq!(c.validate(2), Err(ConfigError::NoVcpus));
+        assert_eq!(c.check(2), Err(ConfigError::NoVcpus));
         let c = VmConfig { vcpus: 3, ..cfg() };
         assert_eq!(
-            c.validate(2).unwrap_err().to_string(),
+            c.check(2).unwrap_err().to_string(),
             "3 vCPUs requested, but KVM on this host allows at most 2"
         );
         for bad in ["", "../x", "a b", ".hidden", "-x", &"n".repeat(65)] {

@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 
 use super::report_error;
-use super::run::host_max_vcpus;
-use crate::instance::{self, InstanceFile, Settings};
+use ksmvm::config::{self, HostLimits, InstanceFile, Settings};
 
 #[derive(Subcommand, Debug)]
 pub enum ConfigCommand {
@@ -21,7 +20,7 @@ pub fn run(cmd: ConfigCommand) -> ExitCode {
     match cmd {
         ConfigCommand::Check { file } => {
             let checked = InstanceFile::load(&file)
-                .and_then(|f| instance::resolve(Some(&f), Settings::default(), host_max_vcpus()));
+                .and_then(|f| config::resolve(Some(&f), Settings::default(), &HostLimits::probe()));
             match checked {
                 Ok(i) => {
                     println!(
@@ -35,7 +34,7 @@ pub fn run(cmd: ConfigCommand) -> ExitCode {
                 }
                 Err(e) => {
                     report_error(&e);
-                    crate::outcome::ExitStatus::BadInput.into()
+                    ksmvm::outcome::ExitStatus::BadInput.into()
                 }
             }
         }

@@ -8,10 +8,9 @@ use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::api::{
-    Exposition, HostSample, HttpServer, Listener, MetricKind, Reply, METRICS_CONTENT_TYPE,
-};
-use crate::ksm::Ksm;
+use ksmvm::api::{HttpServer, Listener, Reply};
+use ksmvm::ksm::Ksm;
+use ksmvm::telemetry::{Exposition, HostSample, MetricKind, CONTENT_TYPE as METRICS_CONTENT_TYPE};
 
 use super::fleet;
 use super::CliError;
@@ -73,7 +72,7 @@ pub fn run(listen: SocketAddr, dir: PathBuf, out: &mut dyn Write) -> Result<(), 
     let addr = listener.local_addr()?;
     let ksm = Ksm::new();
     let server = HttpServer::spawn(
-        "exporter",
+        ksmvm::threads::ThreadKind::Exporter,
         Listener::Tcp(listener),
         Arc::new(move |method: &str, target: &str, _body: &[u8]| {
             handle(&dir, &ksm, method, target)

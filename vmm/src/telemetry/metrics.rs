@@ -9,7 +9,8 @@ use std::fmt::Write;
 use crate::stats::VmStats;
 
 use super::host::HostSample;
-use super::types::{OnOff, VmInfo, VmState};
+use crate::config::OnOff;
+use crate::vm::{VmInfo, VmState};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 

@@ -3,8 +3,9 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::api::{page_size, ApiClient};
-use crate::stats::VmStats;
+use ksmvm::api::ApiClient;
+use ksmvm::stats::VmStats;
+use ksmvm::telemetry::page_size;
 
 use super::fleet;
 use super::format::{opt_bytes, opt_signed};

@@ -5,27 +5,18 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::{report_error, RunArgs};
-use crate::instance::{self, Instance, InstanceFile};
-use crate::outcome::{ExitOutcome, ExitStatus, HasExitStatus};
-use crate::service::SystemdSupervisor;
-
-/// The host's vCPU limit for validation; the MP table's when KVM cannot be
-/// asked (the builder checks KVM's own limit again).
-pub fn host_max_vcpus() -> u32 {
-    match kvm_ioctls::Kvm::new() {
-        Ok(kvm) => crate::builder::max_vcpus(&kvm),
-        Err(_) => crate::arch::x86_64::mptable::MAX_CPUS,
-    }
-}
+use ksmvm::config::{self, HostLimits, Instance, InstanceFile};
+use ksmvm::outcome::{ExitOutcome, ExitStatus, HasExitStatus};
+use ksmvm::service::SystemdSupervisor;
 
 /// Reads the instance file (if any) and applies the flags over it.
-pub fn resolve(args: &RunArgs, max_vcpus: u32) -> Result<Instance, instance::InstanceError> {
+pub fn resolve(args: &RunArgs, host: &HostLimits) -> Result<Instance, config::InstanceError> {
     let file = args.config.as_deref().map(InstanceFile::load).transpose()?;
-    instance::resolve(file.as_ref(), args.to_settings(), max_vcpus)
+    config::resolve(file.as_ref(), args.settings.clone(), host)
 }
 
 pub fn run_vm(args: &RunArgs) -> ExitCode {
-    let inst = match resolve(args, host_max_vcpus()) {
+    let inst = match resolve(args, &HostLimits::probe()) {
         Ok(i) => i,
         Err(e) => {
             report_error(&e);
@@ -42,7 +33,7 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
     };
     let sink = inst.vm.serial.clone();
     let name = inst.vm.name.clone();
-    let vm = match crate::builder::build_with(inst.vm, |out| sup.serial_tap(&sink, out)) {
+    let vm = match ksmvm::builder::build_with(inst.vm, |out| sup.serial_tap(&sink, out)) {
         Ok(vm) => vm,
         Err(e) => {
             report_error(&e);
@@ -50,7 +41,7 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
         }
     };
     // After the build, which validated the name that names the socket.
-    let socket = match crate::api::ApiSocket::bind(&inst.api_sock, &name) {
+    let socket = match ksmvm::api::ApiSocket::bind(&inst.api_sock, &name) {
         Ok(s) => s,
         Err(e) => {
             report_error(&e);
@@ -68,7 +59,7 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
     // socket's backlog. Started after `Vm::start` blocked the stop signals,
     // so the server's threads inherit the mask; dropped after the main loop
     // has joined the vCPUs.
-    let _api = match crate::api::ApiServer::start(socket, running.handle()) {
+    let _api = match ksmvm::api::ApiServer::start(socket, running.handle()) {
         Ok(server) => server,
         Err(e) => {
             running.abort("the API server failed");
@@ -76,7 +67,7 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    crate::milestone!("API serving");
+    ksmvm::milestone!("API serving");
     match running.wait(inst.service.shutdown_timeout, &mut sup) {
         Ok(outcome) => report_outcome(&outcome).into(),
         Err(e) => {

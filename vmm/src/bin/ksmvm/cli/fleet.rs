@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::api::{list_sockets, ApiClient, ClientError, VmInfo};
-use crate::stats::VmStats;
+use ksmvm::api::{ApiClient, ClientError, VmInfo};
+use ksmvm::instance::list_sockets;
+use ksmvm::stats::VmStats;
 
 /// How long one VM may take to answer before it is shown as unreachable.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);

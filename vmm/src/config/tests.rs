@@ -1,7 +1,11 @@
 use std::path::Path;
 
+use std::time::Duration;
+
 use super::*;
-use crate::config::SerialSink;
+
+/// A host whose KVM allows two vCPUs.
+const HOST: HostLimits = HostLimits { max_vcpus: 2 };
 
 /// A kernel path that exists on every Linux host.
 const KERNEL: &str = "/proc/self/exe";
@@ -12,7 +16,7 @@ fn parse(text: &str) -> Result<InstanceFile, String> {
 
 fn resolve_text(text: &str, flags: Settings) -> Result<Instance, String> {
     let file = parse(text)?;
-    resolve(Some(&file), flags, 2).map_err(|e| e.to_string())
+    resolve(Some(&file), flags, &HOST).map_err(|e| e.to_string())
 }
 
 #[test]
@@ -142,7 +146,7 @@ fn missing_and_unreadable_kernel() {
         ),
         "{e}"
     );
-    let e = resolve(None, Settings::default(), 2)
+    let e = resolve(None, Settings::default(), &HOST)
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("ksmvm run: no guest kernel"), "{e}");
@@ -230,7 +234,7 @@ fn devices_and_api_socket() {
     );
     let file = InstanceFile::parse(&dir.join("vm1.toml"), text.clone()).unwrap();
     // The second disk does not exist: the error points at its path.
-    let e = resolve(Some(&file), Settings::default(), 2)
+    let e = resolve(Some(&file), Settings::default(), &HOST)
         .unwrap_err()
         .to_string();
     assert!(
@@ -244,7 +248,7 @@ fn devices_and_api_socket() {
             .unwrap()]),
         ..Default::default()
     };
-    let i = resolve(Some(&file), flags, 2).unwrap();
+    let i = resolve(Some(&file), flags, &HOST).unwrap();
     assert_eq!(i.vm.disks.len(), 1);
     assert!(!i.vm.disks[0].read_only);
     assert_eq!(i.vm.nets.len(), 1);
@@ -262,5 +266,5 @@ fn devices_and_api_socket() {
 #[test]
 fn default_api_socket_is_named_after_the_vm() {
     let i = resolve_text(&format!("kernel = \"{KERNEL}\""), Settings::default()).unwrap();
-    assert_eq!(i.api_sock, crate::api::socket_path("t"));
+    assert_eq!(i.api_sock, crate::instance::socket_path("t"));
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::api::page_size;
+use ksmvm::telemetry::page_size;
 
 use super::fleet::{self, VmStatus};
 use super::format;

@@ -8,7 +8,7 @@ use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::ksm::{
+use ksmvm::ksm::{
     AdvisorMode, Ksm, KsmCounters, KsmError, KsmSettings, KsmStatus, KsmTuning, KsmdCpu,
 };
 

@@ -13,8 +13,8 @@ use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style};
 use ratatui::widgets::{Block, Paragraph, Row, Table, Wrap};
 
-use crate::api::{page_size, HostSample};
-use crate::ksm::Ksm;
+use ksmvm::ksm::Ksm;
+use ksmvm::telemetry::{page_size, HostSample};
 
 use super::fleet::{self, VmEntry};
 use super::format::{bytes, opt_bytes, opt_signed, signed_bytes, table};
@@ -111,9 +111,9 @@ fn host_line(h: &HostSample, ksmd_percent: Option<f64>) -> String {
     };
     let num = |v: Option<u64>| v.map_or_else(|| "-".into(), |v| v.to_string());
     let run = match h.run {
-        Some(crate::ksm::RunMode::Run) => "running",
-        Some(crate::ksm::RunMode::Stop) => "stopped",
-        Some(crate::ksm::RunMode::Unmerge) => "stopped+unmerged",
+        Some(ksmvm::ksm::RunMode::Run) => "running",
+        Some(ksmvm::ksm::RunMode::Stop) => "stopped",
+        Some(ksmvm::ksm::RunMode::Unmerge) => "stopped+unmerged",
         None => "-",
     };
     format!(
@@ -312,9 +312,9 @@ fn draw(f: &mut ratatui::Frame, frame: &Frame, dir: &Path, interval: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{OnOff, VmInfo, VmState};
     use crate::cli::fleet::VmStatus;
-    use crate::stats::{GuestRamStats, VmStats};
+    use ksmvm::api::{OnOff, VmInfo, VmState};
+    use ksmvm::stats::{GuestRamStats, VmStats};
 
     #[test]
     fn frame_sums_live_vms_and_skips_dead_ones() {

@@ -1,0 +1,36 @@
+//! Everything a VM is configured from, in the order data flows:
+//! [`Settings`] (the `ksmvm run` flags and an instance file's keys, one
+//! type) → [`resolve`] (file overlaid by flags, defaults, validation
+//! against [`HostLimits`], once) → [`Instance`], whose [`ValidVmConfig`]
+//! the builder takes. Device options (`--disk`, `--net`, `--balloon`) are
+//! in [`devices`]; errors name `FILE:LINE:COLUMN: key` or the `--flag`.
+
+mod file;
+mod host;
+mod locate;
+mod onoff;
+mod ready;
+mod resolve;
+mod settings;
+mod vm_config;
+
+/// The device options, for now where the devices are.
+pub mod devices {
+    pub use crate::devices::virtio::{BalloonConfig, DiskConfig, MacAddr, NetConfig, RngConfig};
+}
+
+pub use file::InstanceFile;
+pub use host::HostLimits;
+pub use onoff::{OnOff, OnOffError};
+pub use ready::{ReadyMode, ReadyModeError};
+pub use resolve::{
+    resolve, Instance, InstanceError, ServiceConfig, DEFAULT_MEM_MIB, DEFAULT_NAME, DEFAULT_VCPUS,
+    MAX_SHUTDOWN_TIMEOUT_S,
+};
+pub use settings::Settings;
+pub use vm_config::{
+    validate_name, ConfigError, SerialSink, ValidVmConfig, VmConfig, DEFAULT_CMDLINE,
+};
+
+#[cfg(test)]
+mod tests;

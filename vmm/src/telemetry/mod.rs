@@ -1,0 +1,9 @@
+//! What the hoster's monitoring reads: the Prometheus exposition of VMs
+//! and of the host, and one reading of the host's KSM state (counters,
+//! ksmd's CPU time) for the host-wide views (`top`, the exporter).
+
+mod host;
+mod metrics;
+
+pub use host::{page_size, HostSample};
+pub use metrics::{render_vm, Exposition, Kind as MetricKind, Value, CONTENT_TYPE};
