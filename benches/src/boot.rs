@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use ksmvm::stats::ApproxF64;
 use serde::Serialize;
 
 use crate::cancel;
@@ -108,7 +109,8 @@ pub struct BootTarget {
 /// Boots `target` `runs` times, one after another.
 pub fn measure(target: &BootTarget, runs: u64, timeout: Duration) -> Result<Vec<BootRun>> {
     let b = bar(runs, &format!("booting {}", target.label));
-    let mut out = Vec::with_capacity(runs as usize);
+    // A capacity hint only.
+    let mut out = Vec::with_capacity(usize::try_from(runs).unwrap_or(0));
     for i in 1..=runs {
         cancel::check()?;
         out.push(boot_once(target, i, timeout)?);
@@ -278,7 +280,7 @@ pub fn write_results(
         let mine: Vec<&BootRun> = runs.iter().filter(|r| r.vmm == s.vmm).collect();
         let pts = |f: &dyn Fn(&BootRun) -> Option<f64>| {
             mine.iter()
-                .filter_map(|r| f(r).map(|v| (r.run as f64, v)))
+                .filter_map(|r| f(r).map(|v| (r.run.approx_f64(), v)))
                 .collect::<Vec<_>>()
         };
         series.push(Series::new(

@@ -9,6 +9,8 @@
 //! merge on the visit after that. Comparing the ends of scans 2 and 3 would
 //! otherwise find "stable" values from before any merging.
 
+use ksmvm::stats::ApproxF64;
+
 /// Full scans that must complete before the value can count as stable.
 pub const MIN_SCANS: u64 = 3;
 
@@ -57,7 +59,13 @@ impl Convergence {
     fn stable(&self) -> bool {
         match self.at_scan_end.as_slice() {
             [.., a, b] => {
-                let tol = MIN_TOLERANCE_PAGES.max((*b as f64 * TOLERANCE_FRACTION) as u64);
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a non-negative fraction of a u64, rounded down"
+                )]
+                let fraction = (b.approx_f64() * TOLERANCE_FRACTION) as u64;
+                let tol = MIN_TOLERANCE_PAGES.max(fraction);
                 a.abs_diff(*b) <= tol
             }
             _ => false,

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use ksmvm::stats::ApproxF64;
 
 use crate::common::{bar, spinner, VmmArgs};
 use crate::fleet::Fleet;
@@ -171,7 +172,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
          KSM metadata {} MiB",
         mib(shared),
         mib(ideal),
-        100.0 * shared as f64 / ideal.max(1) as f64,
+        100.0 * shared.approx_f64() / ideal.max(1).approx_f64(),
         opt1(metadata.map(mib))
     );
     println!(

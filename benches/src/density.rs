@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use indicatif::ProgressBar;
+use ksmvm::stats::ApproxF64;
 use serde::Serialize;
 
 use crate::cancel;
 use crate::common::{bar, OutArgs, VmmArgs};
 use crate::fleet::Fleet;
 use crate::guest::{GuestSpec, Launcher};
-use crate::host::{mib, preflight, MemInfo, Needs, GIB, MIB, PAGE_SIZE};
+use crate::host::{gib, mib, preflight, MemInfo, Needs, GIB, MIB, PAGE_SIZE};
 use crate::ksm_session::{fast_tuning, KsmSession};
 use crate::machine::Machine;
 use crate::monitor::{HostSample, MemoryFloor, Monitor, VmSample};
@@ -160,13 +161,20 @@ pub fn run(args: DensityArgs) -> Result<()> {
     let budget = match args.budget_gib {
         Some(g) if g.is_nan() || g <= 0.0 => bail!("--budget-gib must be positive"),
         Some(g) => {
-            let b = (g * GIB as f64) as u64;
+            // g > 0 (checked above); `as` saturates a huge one, which the
+            // check below then refuses.
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "g is positive; the cast rounds down and saturates"
+            )]
+            let b = (g * GIB.approx_f64()) as u64;
             if b + margin > mem.available {
                 bail!(
                     "a budget of {g} GiB is more than this host can give: MemAvailable is {:.1} GiB \
                      and {:.1} GiB stay free as a safety margin (--safety-margin-mib)",
-                    mem.available as f64 / GIB as f64,
-                    margin as f64 / GIB as f64
+                    gib(mem.available),
+                    gib(margin)
                 );
             }
             Some(b)
@@ -198,10 +206,7 @@ pub fn run(args: DensityArgs) -> Result<()> {
         profile.mem_mib,
         profile.split_text(),
         plan.targets,
-        budget.map_or(String::new(), |b| format!(
-            ", budget {:.1} GiB",
-            b as f64 / GIB as f64
-        )),
+        budget.map_or(String::new(), |b| format!(", budget {:.1} GiB", gib(b))),
         mib(margin),
         results.path().display()
     );
@@ -475,7 +480,7 @@ fn print_report(points: &[Point], capacity: &[Capacity], budget: Option<u64>) {
             Some(b) if c.limited_by == "budget" => println!(
                 "{}: the largest N that fits {:.1} GiB is {}",
                 c.mode,
-                b as f64 / GIB as f64,
+                gib(b),
                 c.n
             ),
             _ => println!("{}: stopped at N = {} ({})", c.mode, c.n, c.limited_by),
@@ -490,7 +495,7 @@ fn write_plots(results: &mut ResultsDir, p: &Profile, runs: &[ModeRun]) -> Resul
         let pts: Vec<(f64, f64)> = r
             .points
             .iter()
-            .map(|pt| (pt.n as f64, pt.host_used_mib))
+            .map(|pt| (pt.n.approx_f64(), pt.host_used_mib))
             .collect();
         series.push(Series::new(
             format!("{} (host MemAvailable)", r.capacity.mode),
@@ -500,7 +505,7 @@ fn write_plots(results: &mut ResultsDir, p: &Profile, runs: &[ModeRun]) -> Resul
         let eff: Vec<(f64, f64)> = r
             .points
             .iter()
-            .filter_map(|pt| pt.vms_effective_mib.map(|e| (pt.n as f64, e)))
+            .filter_map(|pt| pt.vms_effective_mib.map(|e| (pt.n.approx_f64(), e)))
             .collect();
         series.push(Series::new(
             format!(
@@ -518,7 +523,7 @@ fn write_plots(results: &mut ResultsDir, p: &Profile, runs: &[ModeRun]) -> Resul
         .unwrap_or(1);
     let ideal = |f: &dyn Fn(u64) -> u64| {
         (0..=max_n)
-            .map(|n| (n as f64, mib(f(n))))
+            .map(|n| (n.approx_f64(), mib(f(n))))
             .collect::<Vec<_>>()
     };
     series.push(Series::new(

@@ -292,6 +292,10 @@ impl Guest {
         if self.has_exited() {
             return;
         }
+        #[allow(
+            clippy::cast_possible_wrap,
+            reason = "pids are at most 2^22 (PID_MAX_LIMIT)"
+        )]
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let end = Instant::now() + grace;

@@ -8,10 +8,14 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use ksmvm::ksm::Ksm;
+use ksmvm::stats::ApproxF64;
 
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 pub const PAGE_SIZE: u64 = 4096;
+/// [`PAGE_SIZE`] for arithmetic on page-count differences.
+pub const PAGE_SIZE_I64: i64 = 4096;
+const _: () = assert!(PAGE_SIZE_I64.unsigned_abs() == PAGE_SIZE);
 
 /// The /proc/meminfo figures the harness uses, bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -116,11 +120,21 @@ pub fn preflight(needs: Needs, ksmvm: &Path, probe: &Path) -> Result<()> {
 }
 
 pub fn mib(bytes: u64) -> f64 {
-    bytes as f64 / MIB as f64
+    bytes.approx_f64() / MIB.approx_f64()
 }
 
 pub fn mib_i(bytes: i64) -> f64 {
-    bytes as f64 / MIB as f64
+    bytes.approx_f64() / MIB.approx_f64()
+}
+
+pub fn gib(bytes: u64) -> f64 {
+    bytes.approx_f64() / GIB.approx_f64()
+}
+
+/// `a - b` of two counters, saturating at the ends of an i64.
+pub fn diff_i64(a: u64, b: u64) -> i64 {
+    let d = i128::from(a) - i128::from(b);
+    i64::try_from(d).unwrap_or(if d < 0 { i64::MIN } else { i64::MAX })
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ksmvm::ksm::{find_ksmd, parse_stat_ticks};
+use ksmvm::stats::ApproxF64;
 
 /// Shortest window a CPU percentage is computed over.
 pub const MIN_WINDOW: Duration = Duration::from_millis(500);
@@ -20,7 +21,7 @@ impl KsmdMeter {
     pub fn new() -> Self {
         let pid = find_ksmd(Path::new("/proc")).ok().flatten();
         let hz = match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
-            Ok(Some(t)) if t > 0 => t as f64,
+            Ok(Some(t)) if t > 0 => t.approx_f64(),
             _ => 100.0,
         };
         let mut m = Self {
@@ -53,12 +54,12 @@ impl KsmdMeter {
             return None;
         }
         self.last = Some((now, ticks));
-        Some(100.0 * ticks.saturating_sub(k0) as f64 / self.hz / secs)
+        Some(100.0 * ticks.saturating_sub(k0).approx_f64() / self.hz / secs)
     }
 
     /// Total ksmd CPU seconds so far (for averages over an interval).
     pub fn cpu_seconds(&self) -> Option<f64> {
-        Some(self.read()? as f64 / self.hz)
+        Some(self.read()?.approx_f64() / self.hz)
     }
 }
 

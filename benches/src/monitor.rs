@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::cancel;
 use crate::convergence::{Convergence, MIN_SCANS};
 use crate::fleet::Fleet;
-use crate::host::{mib, mib_i, MemInfo, PAGE_SIZE};
+use crate::host::{diff_i64, mib, mib_i, MemInfo, PAGE_SIZE_I64};
 use crate::ksmd::KsmdMeter;
 use crate::vmstats::VmStatsSource;
 
@@ -179,7 +179,7 @@ impl Monitor {
         }
         let c = self.counters();
         let b = &self.baseline;
-        let grow = |v: Option<u64>, base: u64| v.unwrap_or(0) as i64 - base as i64;
+        let grow = |v: Option<u64>, base: u64| diff_i64(v.unwrap_or(0), base);
         let pages_sharing = grow(c.pages_sharing, b.pages_sharing);
         let ksm_zero_pages = grow(c.ksm_zero_pages, b.ksm_zero_pages);
         let s = HostSample {
@@ -187,11 +187,11 @@ impl Monitor {
             phase: self.phase.clone(),
             guests: fleet.len(),
             mem_available_mib: mib(m.available),
-            host_used_mib: mib_i(m.used() as i64 - b.mem_used as i64),
+            host_used_mib: mib_i(diff_i64(m.used(), b.mem_used)),
             pages_sharing,
             pages_shared: grow(c.pages_shared, b.pages_shared),
             ksm_zero_pages,
-            saved_mib: mib_i((pages_sharing + ksm_zero_pages) * PAGE_SIZE as i64),
+            saved_mib: mib_i((pages_sharing + ksm_zero_pages) * PAGE_SIZE_I64),
             full_scans: c.full_scans.unwrap_or(0),
             general_profit_mib: c.general_profit.map(mib_i),
             ksmd_cpu_pct: self.ksmd.sample(),
@@ -275,7 +275,9 @@ impl Monitor {
                 s.ksmd_cpu_pct.unwrap_or(0.0)
             ));
             bar.tick();
-            if conv.observe(s.t_s - start, s.full_scans, s.pages_sharing.max(0) as u64) {
+            // A drop below the baseline counts as none.
+            let sharing = u64::try_from(s.pages_sharing).unwrap_or(0);
+            if conv.observe(s.t_s - start, s.full_scans, sharing) {
                 return Ok(conv.converged_at());
             }
             if s.t_s - start >= timeout.as_secs_f64() {

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use ksmvm::stats::ApproxF64;
 use probe_pattern::pack::{PackHeader, HEADER_LEN};
 use serde::{Deserialize, Serialize};
 
@@ -256,7 +257,7 @@ pub fn mib_text(pages: u64) -> String {
     if pages.is_multiple_of(PAGES_PER_MIB) {
         (pages / PAGES_PER_MIB).to_string()
     } else {
-        format!("{:.1}", pages as f64 / PAGES_PER_MIB as f64)
+        format!("{:.1}", pages.approx_f64() / PAGES_PER_MIB.approx_f64())
     }
 }
 

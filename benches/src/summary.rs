@@ -1,5 +1,6 @@
 //! min / median / max of repeated measurements.
 
+use ksmvm::stats::ApproxF64;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -30,7 +31,7 @@ impl Summary {
             min: v[0],
             median,
             max: v[n - 1],
-            mean: v.iter().sum::<f64>() / n as f64,
+            mean: v.iter().sum::<f64>() / n.approx_f64(),
         })
     }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Args;
 use ksmvm::ksm::{AdvisorMode, KsmTuning};
+use ksmvm::stats::ApproxF64;
 use serde::Serialize;
 
 use crate::cancel;
@@ -241,7 +242,7 @@ fn measure(
         &indicatif::ProgressBar::hidden(),
     )?;
     let base = session.counters()?.pages_sharing.unwrap_or(0);
-    let ideal = p.ideal_pages_sharing(args.guests).max(1) as f64;
+    let ideal = p.ideal_pages_sharing(args.guests).max(1).approx_f64();
     let meter = KsmdMeter::new();
     let cpu0 = meter.cpu_seconds();
     session.tune(&s.tuning)?;
@@ -251,7 +252,7 @@ fn measure(
     let hit = loop {
         fleet.check_alive()?;
         let sharing = session.counters()?.pages_sharing.unwrap_or(0);
-        reached = sharing.saturating_sub(base) as f64 / ideal;
+        reached = sharing.saturating_sub(base).approx_f64() / ideal;
         if reached >= args.target_fraction {
             break Some(t0.elapsed().as_secs_f64());
         }

@@ -133,6 +133,10 @@ impl Harness {
         }
     }
 
+    #[allow(
+        clippy::cast_possible_wrap,
+        reason = "pids are at most 2^22 (PID_MAX_LIMIT)"
+    )]
     fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id() as i32)
     }

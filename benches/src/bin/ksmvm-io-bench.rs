@@ -40,11 +40,26 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ksmvm::stats::ApproxF64;
+
 /// The name the VMM gives its virtio event loop thread.
 const DEVICE_THREAD: &str = "virtio-devices";
 const T: Duration = Duration::from_secs(120);
-const GIB: f64 = (1u64 << 30) as f64;
-const MIB: f64 = (1u64 << 20) as f64;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+const MIB: f64 = 1024.0 * 1024.0;
+/// The kernel's constants, typed as the fields that take them.
+#[allow(clippy::cast_possible_truncation, reason = "ETH_P_ALL is 3")]
+const ETH_P_ALL: u16 = libc::ETH_P_ALL as u16;
+#[allow(clippy::cast_possible_truncation, reason = "AF_PACKET is 17")]
+const AF_PACKET: libc::sa_family_t = libc::AF_PACKET as libc::sa_family_t;
+
+/// `size_of::<T>()` as the length of an option or address passed to the
+/// kernel (in a `const`: checked at compile time).
+#[allow(clippy::cast_possible_truncation, reason = "asserted to fit")]
+const fn socklen<T>() -> libc::socklen_t {
+    assert!(std::mem::size_of::<T>() <= libc::socklen_t::MAX as usize);
+    std::mem::size_of::<T>() as libc::socklen_t
+}
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -58,7 +73,7 @@ struct Opts {
     image_dir: PathBuf,
     net_frames: u64,
     echo_frames: u64,
-    echo_window: u64,
+    echo_window: usize,
     pings: u64,
     mem_mib: u64,
 }
@@ -92,17 +107,18 @@ fn parse_opts() -> Opts {
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
         let num = |s: String| s.parse::<u64>().unwrap_or_else(|_| usage());
+        let count = |s: String| s.parse::<usize>().unwrap_or_else(|_| usage());
         match a.as_str() {
             "block" | "net" | "all" => o.what = a,
             "--ksmvm" => o.ksmvm = val().into(),
             "--probe" => o.probe = val().into(),
-            "--runs" => o.runs = num(val()).max(1) as usize,
+            "--runs" => o.runs = count(val()).max(1),
             "--disk-mib" => o.disk_mib = num(val()),
             "--blk-mib" => o.blk_mib = num(val()),
             "--image-dir" => o.image_dir = val().into(),
             "--net-frames" => o.net_frames = num(val()),
             "--echo-frames" => o.echo_frames = num(val()),
-            "--echo-window" => o.echo_window = num(val()).max(1),
+            "--echo-window" => o.echo_window = count(val()).max(1),
             "--pings" => o.pings = num(val()),
             "--mem-mib" => o.mem_mib = num(val()),
             _ => usage(),
@@ -239,13 +255,13 @@ fn thread_cpu(pid: u32, tid: u32) -> Result<Cpu> {
     let utime: u64 = f[11].parse().map_err(|_| "bad utime")?;
     let stime: u64 = f[12].parse().map_err(|_| "bad stime")?;
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.approx_f64();
     let sched_s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|ns| ns as f64 / 1e9);
+        .map(|ns| ns.approx_f64() / 1e9);
     Ok(Cpu {
-        ticks_s: (utime + stime) as f64 / hz,
+        ticks_s: (utime + stime).approx_f64() / hz,
         sched_s,
     })
 }
@@ -343,7 +359,7 @@ fn block(o: &Opts) -> Result<()> {
         o.runs
     );
     let (mut w, mut r, mut wall, mut cpu, mut sched) = (vec![], vec![], vec![], vec![], vec![]);
-    let moved = 2.0 * o.blk_mib as f64 * MIB;
+    let moved = 2.0 * o.blk_mib.approx_f64() * MIB;
     for i in 0..o.runs {
         let c0 = thread_cpu(vm.pid, tid)?;
         let t0 = Instant::now();
@@ -357,7 +373,7 @@ fn block(o: &Opts) -> Result<()> {
         if khz == 0.0 {
             return Err(format!("the probe could not measure its TSC: {line}"));
         }
-        let mib = o.blk_mib as f64;
+        let mib = o.blk_mib.approx_f64();
         let wr = mib / (num_field(&line, "write_cycles")? / (khz * 1e3));
         let rd = mib / (num_field(&line, "read_cycles")? / (khz * 1e3));
         let (dt, ds) = cpu_delta(c0, c1);
@@ -441,7 +457,7 @@ impl NetNs {
                 if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                     return Err(format!("setns: {}", std::io::Error::last_os_error()));
                 }
-                let proto = (libc::ETH_P_ALL as u16).to_be();
+                let proto = ETH_P_ALL.to_be();
                 let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
                 if fd < 0 {
                     return Err(format!("AF_PACKET: {}", std::io::Error::last_os_error()));
@@ -454,7 +470,7 @@ impl NetNs {
                         libc::SOL_SOCKET,
                         opt,
                         std::ptr::addr_of!(size).cast(),
-                        std::mem::size_of::<libc::c_int>() as u32,
+                        const { socklen::<libc::c_int>() },
                     );
                 }
                 let index = libc::if_nametoindex(ifname.as_ptr());
@@ -462,13 +478,14 @@ impl NetNs {
                     return Err(format!("no interface {ifname:?}"));
                 }
                 let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_family = AF_PACKET;
                 sll.sll_protocol = proto;
-                sll.sll_ifindex = index as i32;
+                sll.sll_ifindex = libc::c_int::try_from(index)
+                    .map_err(|_| format!("interface index {index} out of range"))?;
                 if libc::bind(
                     fd.as_raw_fd(),
                     std::ptr::addr_of!(sll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    const { socklen::<libc::sockaddr_ll>() },
                 ) != 0
                 {
                     return Err(format!("bind: {}", std::io::Error::last_os_error()));
@@ -500,14 +517,15 @@ fn recv(fd: &OwnedFd, buf: &mut [u8], ms: i32) -> Option<usize> {
             return None;
         }
         let n = libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0);
-        (n > 0).then_some(n as usize)
+        // Negative: an error.
+        usize::try_from(n).ok().filter(|n| *n > 0)
     }
 }
 
 fn send(fd: &OwnedFd, frame: &[u8]) -> Result<()> {
     // SAFETY: the frame buffer is valid for its length.
     let n = unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-    if n as usize == frame.len() {
+    if usize::try_from(n) == Ok(frame.len()) {
         Ok(())
     } else {
         Err(format!("send: {}", std::io::Error::last_os_error()))
@@ -575,7 +593,7 @@ fn net(o: &Opts) -> Result<()> {
     eprintln!("net: TAP {tap} in netns {}; device thread {tid}", ns.0);
 
     // Guest -> host: the host counts what arrives on the TAP.
-    const SIZE: u64 = 1514;
+    const SIZE: u16 = 1514;
     let (mut tx_mbps, mut tx_wall, mut tx_cpu, mut tx_sched, mut tx_seen) =
         (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..o.runs {
@@ -587,7 +605,8 @@ fn net(o: &Opts) -> Result<()> {
                 let mut b = vec![0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(n) = recv(&sock, &mut b, 50) {
-                        if n == SIZE as usize && b[6..12] == GUEST_MAC && b[12..14] == ETHERTYPE {
+                        if n == usize::from(SIZE) && b[6..12] == GUEST_MAC && b[12..14] == ETHERTYPE
+                        {
                             seen.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -607,7 +626,7 @@ fn net(o: &Opts) -> Result<()> {
         counter.join().unwrap();
         let sent = num_field(&line, "sent")?;
         let cycles = num_field(&line, "cycles")?;
-        let bytes = sent * SIZE as f64;
+        let bytes = sent * f64::from(SIZE);
         let (dt, ds) = cpu_delta(c0, c1);
         let mbps = bytes * 8.0 / (cycles / (khz * 1e3)) / 1e6;
         tx_mbps.push(mbps);
@@ -616,7 +635,7 @@ fn net(o: &Opts) -> Result<()> {
         if let Some(ds) = ds {
             tx_sched.push(ds / (bytes / GIB));
         }
-        let got = seen.load(Ordering::Relaxed) as f64;
+        let got = seen.load(Ordering::Relaxed).approx_f64();
         tx_seen.push(100.0 * got / sent);
         println!(
             "csv,net-send,{i},{mbps:.0},{:.0},{:.4},{:.4},{got}",
@@ -632,19 +651,19 @@ fn net(o: &Opts) -> Result<()> {
     for i in 0..o.runs {
         let c0 = thread_cpu(vm.pid, tid)?;
         let t0 = Instant::now();
-        let (got, lost) = echo_stream(&sock, o.echo_frames, o.echo_window as usize, SIZE as usize);
+        let (got, lost) = echo_stream(&sock, o.echo_frames, o.echo_window, usize::from(SIZE));
         let secs = t0.elapsed().as_secs_f64();
         let c1 = thread_cpu(vm.pid, tid)?;
         let (dt, ds) = cpu_delta(c0, c1);
         // Bytes the device moved: each echoed frame went in and came out.
-        let moved = 2.0 * got as f64 * SIZE as f64;
-        let mbps = got as f64 * SIZE as f64 * 8.0 / secs / 1e6;
+        let moved = 2.0 * got.approx_f64() * f64::from(SIZE);
+        let mbps = got.approx_f64() * f64::from(SIZE) * 8.0 / secs / 1e6;
         e_mbps.push(mbps);
         e_cpu.push(dt / (moved / GIB));
         if let Some(ds) = ds {
             e_sched.push(ds / (moved / GIB));
         }
-        e_lost.push(lost as f64);
+        e_lost.push(lost.approx_f64());
         println!(
             "csv,net-echo,{i},{mbps:.0},{:.4},{:.4},{got},{lost}",
             dt / (moved / GIB),
@@ -748,7 +767,8 @@ fn echo_stream(sock: &OwnedFd, count: u64, window: usize, size: usize) -> (u64, 
 /// Round-trip times in microseconds of `n` sequential 64-byte echoes.
 fn ping_pong(sock: &OwnedFd, n: u64) -> Result<Vec<f64>> {
     let mut buf = vec![0u8; 65536];
-    let mut v = Vec::with_capacity(n as usize);
+    // A capacity hint only.
+    let mut v = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
     let base = 1u64 << 40;
     for i in 0..n {
         let seq = base + i;

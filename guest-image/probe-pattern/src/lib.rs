@@ -34,6 +34,11 @@ pub const SECTOR_WORDS: usize = SECTOR_SIZE / 8;
 pub const PAGE_WORDS: usize = 512;
 /// Bytes in a page.
 pub const PAGE_SIZE: u64 = 4096;
+/// [`PAGE_SIZE`] as a length.
+pub(crate) const PAGE_LEN: usize = PAGE_WORDS * 8;
+/// [`PAGE_SIZE`] as a 32-bit field.
+pub(crate) const PAGE_SIZE_U32: u32 = 4096;
+const _: () = assert!(PAGE_LEN as u64 == PAGE_SIZE && PAGE_SIZE_U32 as u64 == PAGE_SIZE);
 
 /// splitmix64's increment (2^64 / golden ratio, odd).
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -174,7 +179,7 @@ impl Checksum {
     /// has a multiple of 4096 bytes.
     pub fn update_bytes(&mut self, data: &[u8]) {
         let mut page = [0u64; PAGE_WORDS];
-        for chunk in data.chunks(PAGE_SIZE as usize) {
+        for chunk in data.chunks(PAGE_LEN) {
             page.fill(0);
             for (w, b) in page.iter_mut().zip(chunk.chunks(8)) {
                 let mut bytes = [0u8; 8];
@@ -350,7 +355,7 @@ mod tests {
                 for s in 0..8 {
                     let mut sec = [0u64; SECTOR_WORDS];
                     fill_sector(seed, pg * 8 + s, &mut sec);
-                    let at = s as usize * SECTOR_WORDS;
+                    let at = usize::try_from(s).unwrap() * SECTOR_WORDS;
                     assert_eq!(sec[..], p[at..at + SECTOR_WORDS]);
                 }
             }

@@ -16,7 +16,7 @@
 //! Here: the header's parser and validation (shared by the probe guest and
 //! host tools), and [`SyntheticPack`], a pack with known content for tests.
 
-use crate::{fill_page, Checksum, DOMAIN_IMAGE, PAGE_SIZE, PAGE_WORDS};
+use crate::{fill_page, Checksum, DOMAIN_IMAGE, PAGE_LEN, PAGE_SIZE, PAGE_SIZE_U32, PAGE_WORDS};
 
 /// The first 8 bytes of every pack.
 pub const MAGIC: [u8; 8] = *b"KSMVMRAM";
@@ -176,7 +176,7 @@ impl PackHeader {
         let mut b = [0u8; HEADER_LEN];
         b[..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        b[12..16].copy_from_slice(&PAGE_SIZE_U32.to_le_bytes());
         b[16..24].copy_from_slice(&self.source_pages.to_le_bytes());
         b[24..32].copy_from_slice(&self.pages.to_le_bytes());
         b[32..40].copy_from_slice(&self.shared.to_le_bytes());
@@ -271,7 +271,7 @@ impl SyntheticPack {
     /// Calls `out` with consecutive pieces of the whole pack (whole pages).
     pub fn write(&self, mut out: impl FnMut(&[u8])) {
         let h = self.header();
-        let mut bytes = [0u8; PAGE_SIZE as usize];
+        let mut bytes = [0u8; PAGE_LEN];
         bytes[..HEADER_LEN].copy_from_slice(&h.encode());
         out(&bytes);
         let entries_per_page = PAGE_SIZE / 8;
@@ -341,18 +341,16 @@ mod tests {
         assert_eq!(b.len() as u64, (1 + 2 + 603) * PAGE_SIZE);
         assert_eq!(h.file_len(), Some(b.len() as u64));
         for i in 0..h.pages {
-            let at = (PAGE_SIZE + i * 8) as usize;
+            let at = PAGE_LEN + usize::try_from(i).unwrap() * 8;
             let e = u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
             assert_eq!(e, p.entry(i));
             h.check_entry(i, e).unwrap();
         }
         // Padding of the table is zero.
-        assert!(b[PAGE_SIZE as usize + 603 * 8..3 * PAGE_SIZE as usize]
-            .iter()
-            .all(|&x| x == 0));
+        assert!(b[PAGE_LEN + 603 * 8..3 * PAGE_LEN].iter().all(|&x| x == 0));
         let mut page = [0u64; PAGE_WORDS];
         p.page(5, &mut page);
-        let at = (3 + 5) * PAGE_SIZE as usize;
+        let at = (3 + 5) * PAGE_LEN;
         assert_eq!(b[at..at + 8], page[0].to_le_bytes());
         assert_ne!(p.expected_checksum(1), p.expected_checksum(2));
     }

@@ -247,6 +247,7 @@ const HOST_TROUBLE: [&str; 5] = [
     "hung_task",
 ];
 
+#[derive(Debug)]
 pub struct TestHost;
 
 impl TestHost {

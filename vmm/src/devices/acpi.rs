@@ -51,6 +51,16 @@ pub struct AcpiPm {
     slp_typ: u16,
 }
 
+// VmControl, shared with the vCPU threads, is not Debug.
+impl std::fmt::Debug for AcpiPm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcpiPm")
+            .field("enable", &self.enable)
+            .field("slp_typ", &self.slp_typ)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AcpiPm {
     pub fn new(control: Arc<VmControl>) -> Self {
         Self {
@@ -101,6 +111,12 @@ impl BusDevice for AcpiPm {
 /// PANICKED write records that the guest kernel panicked.
 pub struct PvPanic {
     control: Arc<VmControl>,
+}
+
+impl std::fmt::Debug for PvPanic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PvPanic").finish_non_exhaustive()
+    }
 }
 
 impl PvPanic {

@@ -25,6 +25,20 @@ pub struct Bus {
     devices: BTreeMap<u64, (u64, SharedDevice)>,
 }
 
+// The devices are trait objects; their ranges are what tells buses apart.
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranges: Vec<_> = self
+            .devices
+            .iter()
+            .map(|(base, (len, _))| format!("{base:#x}+{len:#x}"))
+            .collect();
+        f.debug_struct("Bus")
+            .field("ranges", &ranges)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Bus {
     pub fn new() -> Self {
         Self::default()
@@ -90,7 +104,7 @@ mod tests {
     struct Echo(u8);
     impl BusDevice for Echo {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
-            data.fill(self.0 + offset as u8);
+            data.fill(self.0 + u8::try_from(offset).unwrap());
         }
         fn write(&mut self, _offset: u64, data: &[u8]) {
             self.0 = data[0];

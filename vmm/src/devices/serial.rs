@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::bus::BusDevice;
 
 /// Raises the UART's IRQ through an irqfd.
+#[derive(Debug)]
 pub struct EventFdTrigger(pub EventFd);
 
 impl Trigger for EventFdTrigger {
@@ -25,6 +26,23 @@ pub struct SerialDevice {
     uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, SerialOut>,
     /// Host input the FIFO could not take yet; never dropped.
     pending: VecDeque<u8>,
+}
+
+// The UART holds the output sink, a trait object.
+impl std::fmt::Debug for SerialDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialDevice")
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The UART register at `offset` for a one-byte access; None for any other
+/// access (the UART has eight registers).
+fn register(offset: u64, data_len: usize) -> Option<u8> {
+    u8::try_from(offset)
+        .ok()
+        .filter(|reg| data_len == 1 && *reg <= 7)
 }
 
 impl SerialDevice {
@@ -60,11 +78,11 @@ impl SerialDevice {
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if data.len() != 1 || offset > 7 {
+        let Some(reg) = register(offset, data.len()) else {
             data.fill(0xff);
             return;
-        }
-        data[0] = self.uart.read(offset as u8);
+        };
+        data[0] = self.uart.read(reg);
         // The guest may just have drained the FIFO: refill it from host input.
         if offset == 0 && !self.pending.is_empty() {
             self.fill_fifo();
@@ -72,10 +90,10 @@ impl BusDevice for SerialDevice {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() != 1 || offset > 7 {
+        let Some(reg) = register(offset, data.len()) else {
             return;
-        }
-        if let Err(e) = self.uart.write(offset as u8, data[0]) {
+        };
+        if let Err(e) = self.uart.write(reg, data[0]) {
             // A closed sink must not stop the guest; the byte is lost to the
             // host only, and we say so once per failure.
             log::debug!("serial: output failed: {e:?}");

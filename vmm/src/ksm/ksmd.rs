@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::KsmError;
+use crate::stats::ApproxF64;
 
 /// ksmd's CPU use over one window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,7 +75,7 @@ fn read_ticks(proc_root: &Path, pid: u32) -> Result<u64, KsmError> {
 
 fn clock_ticks_per_second() -> Result<u64, KsmError> {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
-        Ok(Some(t)) if t > 0 => Ok(t as u64),
+        Ok(Some(t)) if t > 0 => Ok(t.unsigned_abs()),
         _ => Err(KsmError::Io {
             path: PathBuf::from("sysconf(_SC_CLK_TCK)"),
             source: io::Error::last_os_error(),
@@ -93,7 +94,7 @@ pub fn sample_cpu(proc_root: &Path, window: Duration) -> Result<Option<KsmdCpu>,
     thread::sleep(window);
     let after = read_ticks(proc_root, pid)?;
     let elapsed = t0.elapsed();
-    let busy_s = after.saturating_sub(before) as f64 / hz as f64;
+    let busy_s = after.saturating_sub(before).approx_f64() / hz.approx_f64();
     let percent = if elapsed.is_zero() {
         0.0
     } else {
@@ -102,7 +103,7 @@ pub fn sample_cpu(proc_root: &Path, window: Duration) -> Result<Option<KsmdCpu>,
     Ok(Some(KsmdCpu {
         pid,
         percent,
-        window_ms: elapsed.as_millis() as u64,
+        window_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
     }))
 }
 

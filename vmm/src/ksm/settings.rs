@@ -181,6 +181,7 @@ impl Restorer<'_> {
 /// Holds no lock: tests that change KSM also need [`super::HostLock`] so that
 /// they do not interleave with each other.
 #[must_use = "the settings are restored when the guard is dropped"]
+#[derive(Debug)]
 pub struct KsmSettingsGuard {
     root: PathBuf,
     saved: KsmSettings,

@@ -18,6 +18,36 @@ pub use regions::GuestRegions;
 pub use sampler::Sampler;
 pub use smaps::{parse_smaps, SmapsAccumulator, SmapsTotals};
 
+/// Counts as the nearest `f64`, for ratios, rates and display.
+///
+/// Exact up to 2^53, far above any byte, page or tick count here (8 PiB of
+/// bytes); above that the rounding is harmless in a ratio or a display.
+/// One place for the casts that `clippy::cast_precision_loss` would flag.
+pub trait ApproxF64 {
+    fn approx_f64(self) -> f64;
+}
+
+#[allow(clippy::cast_precision_loss, reason = "see ApproxF64")]
+impl ApproxF64 for u64 {
+    fn approx_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+#[allow(clippy::cast_precision_loss, reason = "see ApproxF64")]
+impl ApproxF64 for i64 {
+    fn approx_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+#[allow(clippy::cast_precision_loss, reason = "see ApproxF64")]
+impl ApproxF64 for usize {
+    fn approx_f64(self) -> f64 {
+        self as f64
+    }
+}
+
 /// Memory figures for the guest RAM mappings only (from /proc/self/smaps), in bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestRamStats {
@@ -98,7 +128,9 @@ impl KsmProcessStats {
         let zero = self.ksm_zero_pages.unwrap_or(0);
         let counted = merged.checked_add(zero)?.checked_mul(page_size)?;
         let profit = self.ksm_process_profit?;
-        Some((counted as i128 - profit as i128).clamp(0, u64::MAX as i128) as u64)
+        // Saturating at 0 (and, were the profit hugely negative, at u64::MAX).
+        let diff = (i128::from(counted) - i128::from(profit)).max(0);
+        Some(u64::try_from(diff).unwrap_or(u64::MAX))
     }
 }
 
@@ -120,7 +152,7 @@ impl VmStats {
             if guest_ram.rss == 0 {
                 0.0
             } else {
-                k as f64 / guest_ram.rss as f64
+                k.approx_f64() / guest_ram.rss.approx_f64()
             }
         });
         let (metadata, zero_bytes) = if ksm_built_in {
@@ -134,10 +166,11 @@ impl VmStats {
         };
         let shared = guest_ram.rss.saturating_sub(guest_ram.pss);
         let ksm_saved_bytes = match (metadata, zero_bytes) {
-            (Some(m), Some(z)) => Some(
-                (shared as i128 + z as i128 - m as i128).clamp(i64::MIN as i128, i64::MAX as i128)
-                    as i64,
-            ),
+            (Some(m), Some(z)) => {
+                let saved = i128::from(shared) + i128::from(z) - i128::from(m);
+                // Clamped to the range of an i64.
+                Some(i64::try_from(saved).unwrap_or(if saved < 0 { i64::MIN } else { i64::MAX }))
+            }
             _ => None,
         };
         Self {

@@ -143,7 +143,7 @@ impl Sampler {
             self.page_size,
             self.ksm_built_in,
         );
-        stats.detail_age_ms = Some(at.elapsed().as_millis() as u64);
+        stats.detail_age_ms = Some(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX));
         Ok(stats)
     }
 
@@ -166,7 +166,14 @@ impl Sampler {
         let mut pages = 0u64;
         for &(start, end) in self.regions.ranges() {
             let len = end - start;
-            let n = len.div_ceil(self.page_size) as usize;
+            let too_large = || StatsError::Region {
+                start,
+                len,
+                problem: "larger than the address space",
+            };
+            // A mapping of this process: it fits the address space.
+            let n = usize::try_from(len.div_ceil(self.page_size)).map_err(|_| too_large())?;
+            let len_bytes = usize::try_from(len).map_err(|_| too_large())?;
             self.residency.resize(n, 0);
             // SAFETY: (start, len) is one of this process's guest RAM mappings,
             // which stay mapped while the VM exists; mincore only reads page
@@ -174,7 +181,7 @@ impl Sampler {
             let ret = unsafe {
                 libc::mincore(
                     start as *mut libc::c_void,
-                    len as usize,
+                    len_bytes,
                     self.residency.as_mut_ptr(),
                 )
             };
@@ -237,7 +244,7 @@ fn merged_bytes(smaps_ksm: Option<u64>, ksm: &KsmProcessStats, page: u64, rss: u
 
 fn page_size() -> u64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
-        Ok(Some(p)) if p > 0 => p as u64,
+        Ok(Some(p)) if p > 0 => p.unsigned_abs(),
         _ => 4096,
     }
 }

@@ -105,7 +105,7 @@ fn parse_hex(s: &[u8]) -> Option<u64> {
     }
     s.iter().try_fold(0u64, |acc, &b| {
         let d = (b as char).to_digit(16)?;
-        Some(acc << 4 | d as u64)
+        Some(acc << 4 | u64::from(d))
     })
 }
 
@@ -127,7 +127,7 @@ fn parse_kb(rest: &[u8]) -> Option<u64> {
         return None;
     }
     let kb = rest[..digits].iter().try_fold(0u64, |acc, &b| {
-        acc.checked_mul(10)?.checked_add((b - b'0') as u64)
+        acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
     })?;
     kb.checked_mul(1024)
 }

@@ -7,6 +7,10 @@ use super::*;
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap()
+}
+
 fn guest(rss: u64, pss: u64, ksm: Option<u64>) -> GuestRamStats {
     GuestRamStats {
         rss,
@@ -56,12 +60,12 @@ fn derive_merged_vm() {
     assert_eq!(s.effective_bytes, Some(pss + metadata));
     assert_eq!(
         s.ksm_saved_bytes,
-        Some((rss - pss) as i64 - metadata as i64)
+        Some(i64_of(rss - pss) - i64_of(metadata))
     );
     // effective = (resident + zero-page merges) - saved.
     assert_eq!(
-        s.effective_bytes.unwrap() as i64,
-        rss as i64 - s.ksm_saved_bytes.unwrap()
+        i64_of(s.effective_bytes.unwrap()),
+        i64_of(rss) - s.ksm_saved_bytes.unwrap()
     );
 }
 
@@ -120,7 +124,7 @@ fn derive_unavailable_is_none() {
         true,
     );
     assert_eq!(s.effective_bytes, Some(9 * MIB + 3 * RMAP_ITEM_BYTES));
-    assert_eq!(s.ksm_saved_bytes, Some((MIB - 3 * RMAP_ITEM_BYTES) as i64));
+    assert_eq!(s.ksm_saved_bytes, Some(i64_of(MIB - 3 * RMAP_ITEM_BYTES)));
     // No KSM in the kernel: nothing can be merged, so the figures are exact.
     let s = VmStats::derive(
         64 * MIB,
@@ -208,7 +212,7 @@ impl AnonMapping {
         // SAFETY: the mapping is readable and writable for `len` bytes, lives
         // as long as `self`, and `&mut self` makes this the only view of it.
         let all = unsafe { std::slice::from_raw_parts_mut(self.addr, self.len) };
-        all.chunks_mut(PAGE as usize)
+        all.chunks_mut(usize::try_from(PAGE).unwrap())
     }
 
     /// Pages whose content differs from each other (KSM cannot merge them).
@@ -424,11 +428,11 @@ fn real_ksm_merge_is_reported() {
         let general = host.general_profit.unwrap();
         let saved = s.ksm_saved_bytes.unwrap();
         assert!(
-            (general - saved).abs() <= 1024 * g.vmas as i64,
+            (general - saved).abs() <= 1024 * i64::from(g.vmas),
             "general {general} saved {saved}"
         );
         let profit = s.ksm.ksm_process_profit.unwrap();
-        assert_eq!(profit - general, (host.pages_shared.unwrap() * PAGE) as i64);
+        assert_eq!(profit - general, i64_of(host.pages_shared.unwrap() * PAGE));
     } else {
         println!("other processes hold merged pages: host/VM comparison skipped");
     }

@@ -20,8 +20,8 @@ use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
-    ACPI_END, ACPI_PM_PORT, ACPI_START, APIC_ADDR, IOAPIC_ADDR, IRQ_ACPI_SCI, IRQ_I8042,
-    IRQ_SERIAL, PVPANIC_PORT,
+    fit_u16, fit_u32, fit_u8, ACPI_END, ACPI_PM_PORT, ACPI_START, APIC_ADDR, IOAPIC_ADDR,
+    IRQ_ACPI_SCI, IRQ_I8042, IRQ_SERIAL, PVPANIC_PORT,
 };
 use super::mptable::MAX_CPUS;
 use crate::devices::acpi::{
@@ -57,6 +57,8 @@ const MPS_INTI_LEVEL_HIGH: u16 = 0b1101;
 const ISA_IRQS: u32 = 16;
 /// The FACS must be 64-byte aligned.
 const FACS_ALIGN: u64 = 64;
+/// The SCI as the FADT's and MADT's fields hold it.
+const SCI_IRQ: u8 = fit_u8(IRQ_ACPI_SCI as u64);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
@@ -64,6 +66,8 @@ pub enum AcpiError {
     TooManyCpus(u32),
     #[error("the ACPI tables need {0} bytes, more than the BIOS area holds")]
     TooLarge(u64),
+    #[error("virtio-mmio window {base:#x}+{size:#x} does not fit the DSDT's 32-bit fields")]
+    MmioAbove4G { base: u64, size: u64 },
     #[error("cannot write the ACPI tables to guest memory: {0}")]
     Memory(vm_memory::GuestMemoryError),
 }
@@ -90,7 +94,9 @@ pub fn build(num_cpus: u32, virtio: &[MmioDevice]) -> Result<AcpiTables, AcpiErr
     if num_cpus == 0 || num_cpus > MAX_CPUS {
         return Err(AcpiError::TooManyCpus(num_cpus));
     }
-    let dsdt = dsdt(virtio);
+    // APIC IDs are 8 bits (MAX_CPUS keeps the IOAPIC's ID, after the CPUs', too).
+    let num_cpus = u8::try_from(num_cpus).map_err(|_| AcpiError::TooManyCpus(num_cpus))?;
+    let dsdt = dsdt(virtio)?;
     let madt = madt(num_cpus);
     let fadt_len = acpi_tables::fadt::FADT::len() as u64;
     let xsdt_len = 36 + 8 * 2;
@@ -171,37 +177,37 @@ fn fadt(dsdt_at: u64, facs_at: u64) -> impl Aml {
         .flag(Flags::SlpButton);
     f.iapc_boot_arch = (IAPC_8042 | IAPC_NO_VGA | IAPC_NO_CMOS_RTC).into();
     // No SMI_CMD: the platform is in ACPI mode from the start.
-    f.sci_int = (IRQ_ACPI_SCI as u16).into();
-    let evt = ACPI_PM_PORT + OFS_PM1_STS;
-    let cnt = ACPI_PM_PORT + OFS_PM1_CNT;
-    f.pm1a_evt_blk = (evt as u32).into();
+    f.sci_int = u16::from(SCI_IRQ).into();
+    const EVT: u64 = ACPI_PM_PORT + OFS_PM1_STS;
+    const CNT: u64 = ACPI_PM_PORT + OFS_PM1_CNT;
+    f.pm1a_evt_blk = const { fit_u32(EVT) }.into();
     f.pm1_evt_len = PM1_EVT_LEN;
-    f.x_pm1a_evt_blk = io_register(evt, PM1_EVT_LEN);
-    f.pm1a_cnt_blk = (cnt as u32).into();
+    f.x_pm1a_evt_blk = io_register(EVT, PM1_EVT_LEN);
+    f.pm1a_cnt_blk = const { fit_u32(CNT) }.into();
     f.pm1_cnt_len = PM1_CNT_LEN;
-    f.x_pm1a_cnt_blk = io_register(cnt, PM1_CNT_LEN);
+    f.x_pm1a_cnt_blk = io_register(CNT, PM1_CNT_LEN);
     f.reset_reg = io_register(ACPI_PM_PORT + OFS_RESET, 1);
     f.reset_value = RESET_VALUE;
     f.finalize()
 }
 
-fn madt(num_cpus: u32) -> Sdt {
+fn madt(num_cpus: u8) -> Sdt {
     let mut t = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    t.write_u32(36, APIC_ADDR as u32);
+    t.write_u32(36, const { fit_u32(APIC_ADDR) });
     t.write_u32(40, MADT_PCAT_COMPAT);
     // APIC IDs 0..num_cpus and the IOAPIC's ID after them, as in the MP table.
-    for cpu in 0..num_cpus as u8 {
+    for cpu in 0..num_cpus {
         let mut e = vec![MADT_LOCAL_APIC, 8, cpu, cpu];
         e.extend_from_slice(&MADT_CPU_ENABLED.to_le_bytes());
         t.append_slice(&e);
     }
-    let mut e = vec![MADT_IOAPIC, 12, num_cpus as u8, 0];
-    e.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
+    let mut e = vec![MADT_IOAPIC, 12, num_cpus, 0];
+    e.extend_from_slice(&const { fit_u32(IOAPIC_ADDR) }.to_le_bytes());
     e.extend_from_slice(&0u32.to_le_bytes()); // GSI base
     t.append_slice(&e);
     for (irq, flags) in [
         (TIMER_IRQ, MPS_INTI_CONFORMING),
-        (IRQ_ACPI_SCI as u8, MPS_INTI_LEVEL_HIGH),
+        (SCI_IRQ, MPS_INTI_LEVEL_HIGH),
     ] {
         let mut e = vec![MADT_INT_SRC_OVERRIDE, 10, 0, irq];
         e.extend_from_slice(&u32::from(irq).to_le_bytes());
@@ -231,11 +237,18 @@ impl Aml for RawAml {
 }
 
 /// Device `Vnnn` (the index) with the window and GSI of one virtio device.
-fn virtio_device((index, d): (usize, &MmioDevice)) -> RawAml {
-    let uid = index as u32;
+fn virtio_device((index, d): (usize, &MmioDevice)) -> Result<RawAml, AcpiError> {
+    // There are fewer devices than IRQs, far fewer than 2^32.
+    let uid = u32::try_from(index).unwrap_or(u32::MAX);
+    let above = || AcpiError::MmioAbove4G {
+        base: d.base,
+        size: d.size,
+    };
+    let base = u32::try_from(d.base).map_err(|_| above())?;
+    let size = u32::try_from(d.size).map_err(|_| above())?;
     let name = format!("V{:03}", index % 1000);
     // One statement: the builders borrow their temporaries.
-    RawAml(to_bytes(&aml::Device::new(
+    Ok(RawAml(to_bytes(&aml::Device::new(
         name.as_str().into(),
         vec![
             &aml::Name::new("_HID".into(), &"LNRO0005"),
@@ -245,12 +258,12 @@ fn virtio_device((index, d): (usize, &MmioDevice)) -> RawAml {
             &aml::Name::new(
                 "_CRS".into(),
                 &aml::ResourceTemplate::new(vec![
-                    &aml::Memory32Fixed::new(true, d.base as u32, d.size as u32),
+                    &aml::Memory32Fixed::new(true, base, size),
                     &edge_high(d.irq),
                 ]),
             ),
         ],
-    )))
+    ))))
 }
 
 /// `Device(name) { _HID, _CRS }` with the given resources.
@@ -266,7 +279,7 @@ fn legacy_device(name: &str, hid: &dyn Aml, resources: Vec<&dyn Aml>) -> RawAml 
 
 /// The DSDT: the `_S5_` sleep package and, in `\_SB`, the legacy devices
 /// Linux finds through PNP ACPI, the pvpanic device and the virtio devices.
-fn dsdt(virtio: &[MmioDevice]) -> Sdt {
+fn dsdt(virtio: &[MmioDevice]) -> Result<Sdt, AcpiError> {
     let com1 = legacy_device(
         "COM1",
         &aml::EISAName::new("PNP0501"),
@@ -282,7 +295,7 @@ fn dsdt(virtio: &[MmioDevice]) -> Sdt {
             &edge_high(IRQ_I8042),
         ],
     );
-    let port = PVPANIC_PORT as u16;
+    let port = const { fit_u16(PVPANIC_PORT) };
     let pvpanic = legacy_device("PEVT", &"QEMU0001", vec![&aml::IO::new(port, port, 1, 1)]);
     // Devices on ISA IRQs stay on the command line only: Linux maps those
     // IRQs itself, and a device named twice is probed twice (the second
@@ -294,7 +307,7 @@ fn dsdt(virtio: &[MmioDevice]) -> Sdt {
         .enumerate()
         .filter(|(_, d)| d.irq >= ISA_IRQS)
         .map(virtio_device)
-        .collect();
+        .collect::<Result<_, _>>()?;
 
     let mut sb: Vec<&dyn Aml> = vec![&com1, &kbd, &pvpanic];
     sb.extend(virtio_devs.iter().map(|d| d as &dyn Aml));
@@ -308,7 +321,7 @@ fn dsdt(virtio: &[MmioDevice]) -> Sdt {
     // Revision 2: 64-bit AML integers.
     let mut t = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     t.append_slice(&body);
-    t
+    Ok(t)
 }
 
 #[cfg(test)]

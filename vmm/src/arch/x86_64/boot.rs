@@ -80,6 +80,8 @@ pub enum BootError {
     CmdlineLoad(linux_loader::loader::Error),
     #[error("the e820 map has {0} entries, boot_params holds at most {E820_MAX_ENTRIES}")]
     TooManyE820Entries(usize),
+    #[error("{field} {value:#x} does not fit the zero page's 32-bit field")]
+    ZeroPageField { field: &'static str, value: u64 },
     #[error("cannot write the zero page: {0}")]
     ZeroPage(linux_loader::configurator::Error),
 }
@@ -222,7 +224,9 @@ pub fn load_initrd(
     if addr < kernel_end {
         return Err(too_large());
     }
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    // size <= limit <= 4 GiB: the initrd is in low memory.
+    let len = usize::try_from(size).unwrap_or(usize::MAX);
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
         .map_err(|source| BootError::InitrdRead {
             path: path.to_owned(),
             source,
@@ -274,9 +278,13 @@ pub fn setup_zero_page(
     e820: &[E820Entry],
     acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
-    if e820.len() > E820_MAX_ENTRIES {
-        return Err(BootError::TooManyE820Entries(e820.len()));
-    }
+    let e820_entries = u8::try_from(e820.len())
+        .ok()
+        .filter(|n| usize::from(*n) <= E820_MAX_ENTRIES)
+        .ok_or(BootError::TooManyE820Entries(e820.len()))?;
+    let field = |field, value: u64| {
+        u32::try_from(value).map_err(|_| BootError::ZeroPageField { field, value })
+    };
     let mut params = boot_params::default();
     if let Some(hdr) = kernel.setup_header {
         params.hdr = hdr;
@@ -284,21 +292,21 @@ pub fn setup_zero_page(
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline_len as u32;
+    params.hdr.cmd_line_ptr = const { fit_u32(CMDLINE_START) };
+    params.hdr.cmdline_size = field("command line length", cmdline_len as u64)?;
     if kernel.setup_header.is_none() {
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     }
     if let Some((addr, size)) = initrd {
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        params.hdr.ramdisk_image = field("initrd address", addr)?;
+        params.hdr.ramdisk_size = field("initrd size", size)?;
     }
     for (slot, e) in params.e820_table.iter_mut().zip(e820) {
         slot.addr = e.addr;
         slot.size = e.size;
         slot.r#type = e.kind;
     }
-    params.e820_entries = e820.len() as u8;
+    params.e820_entries = e820_entries;
     params.acpi_rsdp_addr = acpi_rsdp.unwrap_or(0);
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
@@ -313,7 +321,8 @@ mod tests {
     use std::io::Write;
 
     fn mem(mib: u64) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)]).unwrap()
+        let len = usize::try_from(mib << 20).unwrap();
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)]).unwrap()
     }
 
     fn kernel_at(end: u64) -> LoadedKernel {
@@ -386,7 +395,7 @@ mod tests {
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
-        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!(u64::from(p.hdr.cmd_line_ptr), CMDLINE_START);
         assert_eq!({ p.hdr.ramdisk_size }, 42);
         assert_eq!(p.e820_entries as usize, map.len());
         assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);

@@ -9,13 +9,14 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 fn get_reg(state: &kvm_lapic_state, offset: usize) -> u32 {
-    let bytes: [u8; 4] = std::array::from_fn(|i| state.regs[offset + i] as u8);
+    // The registers are c_char bytes: reinterpret them, bit for bit.
+    let bytes: [u8; 4] = std::array::from_fn(|i| state.regs[offset + i].to_ne_bytes()[0]);
     u32::from_le_bytes(bytes)
 }
 
 fn set_reg(state: &mut kvm_lapic_state, offset: usize, value: u32) {
     for (i, b) in value.to_le_bytes().iter().enumerate() {
-        state.regs[offset + i] = *b as _;
+        state.regs[offset + i] = std::ffi::c_char::from_ne_bytes([*b]);
     }
 }
 

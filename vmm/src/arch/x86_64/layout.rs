@@ -82,3 +82,28 @@ pub const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 pub const MIN_MEM_MIB: u64 = 16;
 /// Largest guest we boot: keeps every address well inside 40 physical bits.
 pub const MAX_MEM_MIB: u64 = 1 << 20;
+
+// Narrowings of the constants above to the table and register fields that
+// hold them, for `const` items and blocks: there, a value that does not
+// fit its field fails the build, so the casts cannot truncate.
+
+/// `n` as a 32-bit field (in a `const`: checked at compile time).
+#[allow(clippy::cast_possible_truncation, reason = "asserted to fit")]
+pub const fn fit_u32(n: u64) -> u32 {
+    assert!(n <= 0xffff_ffff, "does not fit in 32 bits");
+    n as u32
+}
+
+/// `n` as a 16-bit field (in a `const`: checked at compile time).
+#[allow(clippy::cast_possible_truncation, reason = "asserted to fit")]
+pub const fn fit_u16(n: u64) -> u16 {
+    assert!(n <= 0xffff, "does not fit in 16 bits");
+    n as u16
+}
+
+/// `n` as an 8-bit field (in a `const`: checked at compile time).
+#[allow(clippy::cast_possible_truncation, reason = "asserted to fit")]
+pub const fn fit_u8(n: u64) -> u8 {
+    assert!(n <= 0xff, "does not fit in 8 bits");
+    n as u8
+}

@@ -3,7 +3,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{APIC_ADDR, EBDA_START, IOAPIC_ADDR, IRQ_MAX};
+use super::layout::{fit_u32, fit_u8, APIC_ADDR, EBDA_START, IOAPIC_ADDR, IRQ_MAX};
 
 const MPC_SPEC: u8 = 4;
 const APIC_VERSION: u8 = 0x14;
@@ -34,8 +34,9 @@ pub fn build(num_cpus: u32) -> Result<Vec<u8>, MpTableError> {
     if num_cpus == 0 || num_cpus > MAX_CPUS {
         return Err(MpTableError::TooManyCpus(num_cpus));
     }
-    let table_addr = EBDA_START as u32 + 16;
-    let ioapic_id = num_cpus as u8;
+    let table_addr = const { fit_u32(EBDA_START + 16) };
+    // APIC IDs are 8 bits; the IOAPIC takes the one after the CPUs'.
+    let ioapic_id = u8::try_from(num_cpus).map_err(|_| MpTableError::TooManyCpus(num_cpus))?;
 
     let mut t = Vec::with_capacity(512);
     // Configuration table header; length and checksum patched below.
@@ -49,13 +50,13 @@ pub fn build(num_cpus: u32) -> Result<Vec<u8>, MpTableError> {
     t.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
     let count_at = t.len();
     t.extend_from_slice(&0u16.to_le_bytes()); // entry count
-    t.extend_from_slice(&(APIC_ADDR as u32).to_le_bytes());
+    t.extend_from_slice(&const { fit_u32(APIC_ADDR) }.to_le_bytes());
     t.extend_from_slice(&0u32.to_le_bytes());
     let mut entries: u16 = 0;
 
-    for cpu in 0..num_cpus {
+    for cpu in 0..ioapic_id {
         let flags = CPU_ENABLED | if cpu == 0 { CPU_BOOTPROCESSOR } else { 0 };
-        t.extend_from_slice(&[0, cpu as u8, APIC_VERSION, flags]);
+        t.extend_from_slice(&[0, cpu, APIC_VERSION, flags]);
         // Signature (family 6) and feature flags (FPU, APIC).
         t.extend_from_slice(&0x600u32.to_le_bytes());
         t.extend_from_slice(&0x201u32.to_le_bytes());
@@ -66,9 +67,9 @@ pub fn build(num_cpus: u32) -> Result<Vec<u8>, MpTableError> {
     t.extend_from_slice(b"ISA   ");
     entries += 1;
     t.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]);
-    t.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
+    t.extend_from_slice(&const { fit_u32(IOAPIC_ADDR) }.to_le_bytes());
     entries += 1;
-    for irq in 0..=IRQ_MAX as u8 {
+    for irq in 0..=const { fit_u8(IRQ_MAX as u64) } {
         t.extend_from_slice(&[3, MP_IRQ_INT, 0, 0, 0, irq, ioapic_id, irq]);
         entries += 1;
     }
@@ -76,7 +77,8 @@ pub fn build(num_cpus: u32) -> Result<Vec<u8>, MpTableError> {
     t.extend_from_slice(&[4, MP_IRQ_NMI, 0, 0, 0, 0, 0xff, 1]);
     entries += 2;
 
-    let len = t.len() as u16;
+    // MAX_CPUS entries of 20 bytes and a few more: about 5 KiB.
+    let len = u16::try_from(t.len()).unwrap_or(u16::MAX);
     t[4..6].copy_from_slice(&len.to_le_bytes());
     t[count_at..count_at + 2].copy_from_slice(&entries.to_le_bytes());
     t[7] = checksum(&t);

@@ -46,8 +46,16 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The KVM segment register matching a GDT descriptor.
 fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "a bit-field extraction, masked to at most 4 bits"
+    )]
     let bits = |shift: u64, mask: u64| ((entry >> shift) & mask) as u8;
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "a bit-field extraction, masked to 20 bits"
+    )]
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let granular = bits(55, 1) == 1;
     kvm_segment {
@@ -121,7 +129,8 @@ pub fn setup_sregs(
     sregs.ss = data;
     sregs.tr = segment_from_gdt(gdt[4], BOOT_TSS / 8);
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
+    // Five 8-byte entries.
+    sregs.gdt.limit = u16::try_from(std::mem::size_of_val(&gdt) - 1).unwrap_or(u16::MAX);
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
     // Caches on (CD/NW clear), protected mode with paging, long mode.

@@ -108,6 +108,20 @@ pub struct MmioTransport {
     state: State,
 }
 
+// By hand: the device is a trait object.
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("queues", &self.queues)
+            .field("interrupt", &self.interrupt)
+            .field("status", &self.status)
+            .field("driver_features", &self.driver_features)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MmioTransport {
     /// `queue_evts[i]` is the notification EventFd of queue i (the one KVM
     /// signals through an ioeventfd); `interrupt` wraps the device's irqfd.
@@ -254,7 +268,7 @@ impl MmioTransport {
             REG_DEVICE_ID => self.device.device_type(),
             REG_VENDOR_ID => VENDOR_ID,
             REG_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.features() as u32,
+                0 => (self.features() & 0xffff_ffff) as u32,
                 1 => (self.features() >> 32) as u32,
                 _ => 0,
             },
@@ -530,7 +544,7 @@ fn half(v: u64, high: bool) -> u32 {
     if high {
         (v >> 32) as u32
     } else {
-        v as u32
+        (v & 0xffff_ffff) as u32
     }
 }
 

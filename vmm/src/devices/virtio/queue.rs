@@ -28,6 +28,7 @@ pub const CHAIN_BUDGET: usize = 256;
 pub struct QueueBroken;
 
 /// What a device sees of its queues while it runs.
+#[derive(Debug)]
 pub struct QueueCtx<'a> {
     mem: &'a GuestMemoryMmap,
     queues: &'a mut [Queue],

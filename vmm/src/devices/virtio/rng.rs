@@ -23,6 +23,7 @@ pub struct RngCounters {
     pub bad_chains: AtomicU64,
 }
 
+#[derive(Debug)]
 pub struct Rng {
     counters: Arc<RngCounters>,
 }
@@ -84,14 +85,15 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
         // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`,
         // which is a live, exclusively borrowed buffer.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
+        // Negative: an error.
+        let Ok(n) = usize::try_from(n) else {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(e);
-        }
-        done += n as usize;
+        };
+        done += n;
     }
     Ok(())
 }

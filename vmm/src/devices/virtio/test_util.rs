@@ -23,11 +23,33 @@ use super::device::VirtioDevice;
 use super::interrupt::Interrupt;
 use super::mmio::*;
 use super::net::NetBackend;
+use crate::arch::x86_64::layout::fit_u16;
 use crate::devices::bus::BusDevice;
 
 pub const MEM_SIZE: usize = 16 << 20;
 /// Where test data buffers start (queues live below).
 pub const DATA: u64 = 0x10_0000;
+
+/// Descriptor flags as the table holds them (virtio-bindings has them as u32).
+const NEXT: u16 = fit_u16(VRING_DESC_F_NEXT as u64);
+const WRITE: u16 = fit_u16(VRING_DESC_F_WRITE as u64);
+const INDIRECT: u16 = fit_u16(virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u64);
+
+/// `n` as a u32: a length, index or register value in a test, which fits.
+pub fn u32_of<T: TryInto<u32>>(n: T) -> u32
+where
+    T::Error: std::fmt::Debug,
+{
+    n.try_into().expect("fits in 32 bits")
+}
+
+/// `n` as a u16: a descriptor count or index in a test, which fits.
+pub fn u16_of<T: TryInto<u16>>(n: T) -> u16
+where
+    T::Error: std::fmt::Debug,
+{
+    n.try_into().expect("fits in 16 bits")
+}
 
 pub fn guest_mem() -> Arc<GuestMemoryMmap> {
     Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap())
@@ -73,6 +95,19 @@ pub struct GuestQueue<'a> {
     next_desc: u16,
 }
 
+// By hand: the mock is not Debug.
+impl std::fmt::Debug for GuestQueue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestQueue")
+            .field("desc_table", &self.mock.desc_table_addr())
+            .field("avail", &self.mock.avail_addr())
+            .field("used", &self.used_addr)
+            .field("size", &self.size)
+            .field("next_desc", &self.next_desc)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<'a> GuestQueue<'a> {
     pub fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
         let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
@@ -90,24 +125,24 @@ impl<'a> GuestQueue<'a> {
 
     /// Adds a chain made of `descs` and makes it available; returns its head.
     pub fn add(&mut self, descs: &[Desc]) -> u16 {
-        let first = self.alloc(descs.len() as u16);
+        let first = self.alloc(u16_of(descs.len()));
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .enumerate()
             .map(|(i, d)| {
                 let last = i + 1 == descs.len();
-                let mut flags = if d.write { VRING_DESC_F_WRITE } else { 0 };
+                let mut flags = if d.write { WRITE } else { 0 };
                 if !last {
-                    flags |= VRING_DESC_F_NEXT;
+                    flags |= NEXT;
                 }
-                let next = if last { 0 } else { first + i as u16 + 1 };
-                RawDescriptor::from(SplitDescriptor::new(d.addr, d.len, flags as u16, next))
+                let next = if last { 0 } else { first + u16_of(i) + 1 };
+                RawDescriptor::from(SplitDescriptor::new(d.addr, d.len, flags, next))
             })
             .collect();
         // Not `MockSplitQueue::add_desc_chains`: it indexes the available
         // ring without wrapping at the queue size.
         for (i, d) in raw.into_iter().enumerate() {
-            self.mock.desc_table().store(first + i as u16, d).unwrap();
+            self.mock.desc_table().store(first + u16_of(i), d).unwrap();
         }
         self.push_avail(first);
         first
@@ -174,6 +209,7 @@ impl<'a> GuestQueue<'a> {
 
 /// A device behind its MMIO transport, with the irqfd and notification
 /// EventFds the test can observe.
+#[derive(Debug)]
 pub struct Harness {
     pub mem: Arc<GuestMemoryMmap>,
     pub transport: MmioTransport,
@@ -236,7 +272,7 @@ impl Harness {
             VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
         );
         self.write32(REG_DRIVER_FEATURES_SEL, 0);
-        self.write32(REG_DRIVER_FEATURES, features as u32);
+        self.write32(REG_DRIVER_FEATURES, (features & 0xffff_ffff) as u32);
         self.write32(REG_DRIVER_FEATURES_SEL, 1);
         self.write32(REG_DRIVER_FEATURES, (features >> 32) as u32);
         let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
@@ -249,7 +285,7 @@ impl Harness {
         self.write32(REG_QUEUE_SEL, index);
         self.write32(REG_QUEUE_NUM, u32::from(q.size));
         let set = |h: &mut Self, lo: u64, a: GuestAddress| {
-            h.write32(lo, a.0 as u32);
+            h.write32(lo, (a.0 & 0xffff_ffff) as u32);
             h.write32(lo + 4, (a.0 >> 32) as u32);
         };
         set(self, REG_QUEUE_DESC_LOW, q.mock.desc_table_addr());
@@ -270,7 +306,7 @@ impl Harness {
         let s = self.negotiate(1 << VIRTIO_F_VERSION_1 | extra);
         assert_ne!(s & VIRTIO_CONFIG_S_FEATURES_OK, 0, "features refused");
         for (i, q) in queues.iter().enumerate() {
-            self.setup_queue(i as u32, q);
+            self.setup_queue(u32_of(i), q);
         }
         let s = self.driver_ok();
         assert_eq!(s & 0x40, 0, "device needs reset after DRIVER_OK");
@@ -290,6 +326,7 @@ impl Harness {
 
 /// A virtio-net backend on one end of a SOCK_SEQPACKET pair (frame
 /// boundaries survive, as on a TAP fd); the test holds the other end.
+#[derive(Debug)]
 pub struct SockBackend {
     pub file: File,
     /// Every TUN_F_* set the device asked for, in order.
@@ -356,9 +393,6 @@ type RawChain = Vec<(u64, u32, u16, u16)>;
 /// first descriptor and the queue size, and returns (addr, len, flags, next).
 #[allow(clippy::type_complexity)]
 fn hostile_chains() -> Vec<(&'static str, fn(u16, u16) -> RawChain)> {
-    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-    const INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
     vec![
         ("readable self-loop", |f, _| vec![(DATA, 64, NEXT, f)]),
         ("writable self-loop", |f, _| {
@@ -446,9 +480,6 @@ pub fn hostile_battery(
     kick: &mut dyn FnMut(&mut Harness),
     check: &mut dyn FnMut(&mut Harness, &mut GuestQueue<'_>),
 ) {
-    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-    const INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
     let mem = h.mem.clone();
     // The looping indirect table (two entries: 0 -> 1 -> 0) and the nested one.
     let desc = |addr: u64, len: u32, flags: u16, next: u16| {
@@ -467,9 +498,9 @@ pub fn hostile_battery(
     for (name, build) in hostile_chains() {
         eprintln!("hostile chain: {name}");
         let chain = build(0, q.size);
-        let first = q.alloc(chain.len() as u16);
+        let first = q.alloc(u16_of(chain.len()));
         for (i, (addr, len, flags, next)) in build(first, q.size).into_iter().enumerate() {
-            q.set_desc(first + i as u16, addr, len, flags, next);
+            q.set_desc(first + u16_of(i), addr, len, flags, next);
         }
         q.push_avail(first);
         kick(h);
@@ -506,6 +537,7 @@ pub fn hostile_battery(
 
 /// A directory under the system temp dir, removed with its contents on drop
 /// (a few lines instead of pulling the tempfile crate into the build).
+#[derive(Debug)]
 pub struct TempDir(PathBuf);
 
 impl TempDir {

@@ -124,17 +124,17 @@ fn fadt_has_pm1_blocks_an_sci_a_facs_and_a_reset_register() {
     assert_ne!(boot_arch & (1 << 1), 0, "8042 present");
     assert_eq!(
         u16::from_le_bytes([fadt[46], fadt[47]]),
-        IRQ_ACPI_SCI as u16,
+        u16::from(SCI_IRQ),
         "SCI_INT"
     );
     assert_eq!(u32_at(&fadt, 48), 0, "no SMI_CMD: always in ACPI mode");
     assert_eq!(
-        u32_at(&fadt, 56) as u64,
+        u64::from(u32_at(&fadt, 56)),
         ACPI_PM_PORT + OFS_PM1_STS,
         "PM1a_EVT_BLK"
     );
     assert_eq!(
-        u32_at(&fadt, 64) as u64,
+        u64::from(u32_at(&fadt, 64)),
         ACPI_PM_PORT + OFS_PM1_CNT,
         "PM1a_CNT_BLK"
     );
@@ -173,7 +173,7 @@ fn madt_matches_the_mp_table() {
     for cpus in [1, 3, MAX_CPUS] {
         let (g, rsdp) = Guest::new(cpus, &[]);
         let (_, madt, _) = g.walk(rsdp);
-        assert_eq!(u32_at(&madt, 36), APIC_ADDR as u32);
+        assert_eq!(u64::from(u32_at(&madt, 36)), APIC_ADDR);
         let mut lapics = Vec::new();
         let mut ioapics = Vec::new();
         let mut overrides = Vec::new();
@@ -192,9 +192,10 @@ fn madt_matches_the_mp_table() {
             at += len;
         }
         assert_eq!(at, madt.len());
-        let want: Vec<_> = (0..cpus as u8).map(|i| (i, i, 1)).collect();
+        let cpus = u8::try_from(cpus).unwrap();
+        let want: Vec<_> = (0..cpus).map(|i| (i, i, 1)).collect();
         assert_eq!(lapics, want, "one enabled LAPIC per vCPU, APIC ID = index");
-        assert_eq!(ioapics, vec![(cpus as u8, IOAPIC_ADDR as u32, 0)]);
+        assert_eq!(ioapics, vec![(cpus, fit_u32(IOAPIC_ADDR), 0)]);
         // Identity routing of the timer, as the MP table and KVM have it,
         // and the SCI level triggered, active high.
         assert_eq!(overrides, vec![(0, 0, 0, 0), (0, 9, 9, 0b1101)]);
@@ -254,12 +255,11 @@ fn dsdt_has_s5_and_the_devices() {
     assert!(contains(aml, b"QEMU0001\0"));
     assert!(contains(aml, b"LNRO0005\0"));
     // IO descriptors: COM1 0x3f8 x8, the i8042's 0x60 and 0x64, pvpanic 0x505.
-    for io in [[0x3f8u16, 8], [0x60, 1], [0x64, 1], [0x505, 1]] {
-        let [p, len] = io;
+    for (p, len) in [(0x3f8u16, 8u8), (0x60, 1), (0x64, 1), (0x505, 1)] {
         let mut d = vec![0x47, 1];
         d.extend_from_slice(&p.to_le_bytes());
         d.extend_from_slice(&p.to_le_bytes());
-        d.extend_from_slice(&[1, len as u8]);
+        d.extend_from_slice(&[1, len]);
         assert!(contains(aml, &d), "IO {p:#x}");
     }
     // Extended interrupts 4 (COM1), 1 (i8042), 16 and 17 (virtio): edge, high.
@@ -274,6 +274,17 @@ fn dsdt_has_s5_and_the_devices() {
 fn rejects_zero_and_too_many_cpus() {
     assert!(matches!(build(0, &[]), Err(AcpiError::TooManyCpus(0))));
     assert!(build(MAX_CPUS + 1, &[]).is_err());
+}
+
+#[test]
+fn rejects_a_virtio_window_past_32_bits() {
+    // The last one is on GSI 18, so the DSDT names it.
+    let mut devices = virtio(14);
+    devices[13].base = 1 << 32;
+    assert!(matches!(
+        build(1, &devices),
+        Err(AcpiError::MmioAbove4G { base, size: 0x1000 }) if base == 1 << 32
+    ));
 }
 
 /// Each table disassembles with ACPICA's iasl without errors.

@@ -39,13 +39,15 @@ pub fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<u64, Discard
     // Resolve every piece before touching any, so that a range that is
     // only partly RAM is refused whole.
     let mut pieces = Vec::new();
-    for slice in mem.get_slices(GuestAddress(start), (end - start) as usize) {
+    // end - start <= len, which fits a usize (checked above).
+    let whole = usize::try_from(end - start).map_err(|_| outside)?;
+    for slice in mem.get_slices(GuestAddress(start), whole) {
         let slice = slice.map_err(|_| outside)?;
         pieces.push((slice.ptr_guard_mut().as_ptr() as usize, slice.len()));
     }
     let mut done = 0u64;
     for (host, n) in pieces {
-        if host % PAGE_SIZE as usize != 0 {
+        if host as u64 % PAGE_SIZE != 0 {
             // Guest regions are page-aligned mappings; this cannot happen.
             warn_ratelimited!("virtio-balloon: unaligned host address {host:#x}; not discarding");
             continue;

@@ -41,15 +41,19 @@ fn up<'a>(mem: &'a Arc<GuestMemoryMmap>, cfg: &BalloonConfig, extra: u64, nq: us
 const STATS: u64 = 1 << VIRTIO_BALLOON_F_STATS_VQ;
 const REPORTING: u64 = 1 << VIRTIO_BALLOON_F_REPORTING;
 
+fn page_len() -> usize {
+    usize::try_from(PAGE_SIZE).unwrap()
+}
+
 impl Up<'_> {
     fn fill(&self, page: u64, byte: u8) {
         self.mem
-            .write_slice(&[byte; PAGE_SIZE as usize], GuestAddress(page * PAGE_SIZE))
+            .write_slice(&vec![byte; page_len()], GuestAddress(page * PAGE_SIZE))
             .unwrap();
     }
 
     fn page_is(&self, page: u64, byte: u8) -> bool {
-        let mut b = [0u8; PAGE_SIZE as usize];
+        let mut b = vec![0u8; page_len()];
         self.mem
             .read_slice(&mut b, GuestAddress(page * PAGE_SIZE))
             .unwrap();
@@ -59,7 +63,7 @@ impl Up<'_> {
     fn send_pfns(&mut self, q: usize, pfns: &[u32]) -> u16 {
         let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
         self.mem.write_slice(&bytes, GuestAddress(PFNS)).unwrap();
-        let head = self.qs[q].add(&[r(PFNS, bytes.len() as u32)]);
+        let head = self.qs[q].add(&[r(PFNS, u32_of(bytes.len()))]);
         self.h.kick(q);
         head
     }
@@ -103,8 +107,8 @@ fn inflate_drops_the_pages_and_skips_pfns_outside_ram() {
     for p in base..base + 4 {
         u.fill(p, 0x77);
     }
-    let outside = (MEM_SIZE as u64 / PAGE_SIZE) as u32 + 10;
-    let b = base as u32;
+    let outside = u32_of(MEM_SIZE as u64 / PAGE_SIZE) + 10;
+    let b = u32_of(base);
     let head = u.send_pfns(INFLATE, &[b, b + 1, outside, b + 3, u32::MAX]);
     assert_eq!(u.qs[0].last_used(), (u32::from(head), 0));
     assert!(u.page_is(base, 0) && u.page_is(base + 1, 0) && u.page_is(base + 3, 0));
@@ -118,7 +122,7 @@ fn inflate_drops_the_pages_and_skips_pfns_outside_ram() {
 fn a_run_crossing_the_end_of_ram_loses_only_its_bad_pages() {
     let mem = guest_mem();
     let mut u = up(&mem, &cfg(0, false), 0, 2);
-    let last = (MEM_SIZE as u64 / PAGE_SIZE - 1) as u32;
+    let last = u32_of(MEM_SIZE as u64 / PAGE_SIZE - 1);
     u.fill(u64::from(last), 0x55);
     u.send_pfns(INFLATE, &[last, last + 1, last + 2]);
     assert!(u.page_is(u64::from(last), 0));
@@ -137,8 +141,8 @@ fn pfns_in_a_hole_between_ram_regions_are_ignored() {
         .unwrap(),
     );
     let mut u = up(&mem, &cfg(0, false), 0, 2);
-    let hole = (MEM_SIZE as u64 * 3 / 2 / PAGE_SIZE) as u32;
-    let high = (MEM_SIZE as u64 * 2 / PAGE_SIZE) as u32;
+    let hole = u32_of(MEM_SIZE as u64 * 3 / 2 / PAGE_SIZE);
+    let high = u32_of(MEM_SIZE as u64 * 2 / PAGE_SIZE);
     u.fill(u64::from(high), 0x11);
     u.send_pfns(INFLATE, &[hole, hole + 1, high]);
     assert!(u.page_is(u64::from(high), 0));
@@ -152,7 +156,7 @@ fn deflate_counts_pages_and_touches_nothing() {
     let mut u = up(&mem, &cfg(0, false), 0, 2);
     let p = PAGES / PAGE_SIZE;
     u.fill(p, 0x99);
-    u.send_pfns(DEFLATE, &[p as u32, u32::MAX]);
+    u.send_pfns(DEFLATE, &[u32_of(p), u32::MAX]);
     assert!(u.page_is(p, 0x99));
     assert_eq!(u.counters().deflated_pages.load(Ordering::Relaxed), 1);
     assert_eq!(u.counters().invalid_pfns.load(Ordering::Relaxed), 1);
@@ -250,7 +254,7 @@ fn stats_buffer(mem: &GuestMemoryMmap, at: u64, entries: &[(u16, u64)]) -> u32 {
         b.extend_from_slice(&v.to_le_bytes());
     }
     mem.write_slice(&b, GuestAddress(at)).unwrap();
-    b.len() as u32
+    u32_of(b.len())
 }
 
 #[test]
@@ -303,8 +307,8 @@ fn stats_timer_fires_at_the_configured_interval() {
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd for the duration of the call.
     assert_eq!(
+        // SAFETY: one valid pollfd for the duration of the call.
         unsafe { libc::poll(&mut pfd, 1, 3000) },
         1,
         "timer did not fire"
@@ -314,8 +318,8 @@ fn stats_timer_fires_at_the_configured_interval() {
     assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 0, "expiry consumed");
     // A reset stops the timer.
     h.write32(crate::devices::virtio::mmio::REG_STATUS, 0);
-    // SAFETY: as above.
     assert_eq!(
+        // SAFETY: as above.
         unsafe { libc::poll(&mut pfd, 1, 1300) },
         0,
         "timer still running after reset"
@@ -344,7 +348,7 @@ fn free_page_reports_drop_whole_pages_in_ram() {
         u.fill(p + i, 0x42);
     }
     let head = u.qs[2].add(&[
-        w(p * PAGE_SIZE, 2 * PAGE_SIZE as u32),
+        w(p * PAGE_SIZE, u32_of(2 * PAGE_SIZE)),
         w(FAR, 4096),
         w((p + 3) * PAGE_SIZE, 4096),
     ]);
@@ -421,7 +425,7 @@ fn battery(q: usize, features: u64, cfg: BalloonConfig) {
     let mem = guest_mem();
     let Up { mut h, mut qs, .. } = up(&mem, &cfg, features, q + 1);
     let vq = &mut qs[q];
-    let pfn = (PAGES / PAGE_SIZE) as u32;
+    let pfn = u32_of(PAGES / PAGE_SIZE);
     mem.write_slice(&pfn.to_le_bytes(), GuestAddress(PFNS + 0x10_0000))
         .unwrap();
     hostile_battery(&mut h, vq, &mut |h| h.kick(q), &mut |h, vq| {

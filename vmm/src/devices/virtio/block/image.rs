@@ -38,6 +38,7 @@ pub struct Range {
     pub len: u64,
 }
 
+#[derive(Debug)]
 pub struct DiskImage {
     file: File,
     path: PathBuf,
@@ -184,7 +185,7 @@ impl DiskImage {
         let zeros = vec![0u8; 64 * 1024];
         let mut done = 0u64;
         while done < r.len {
-            let n = (r.len - done).min(zeros.len() as u64) as usize;
+            let n = usize::try_from(r.len - done).map_or(zeros.len(), |left| left.min(zeros.len()));
             self.write_all_at(&zeros[..n], r.offset + done)?;
             done += n as u64;
         }

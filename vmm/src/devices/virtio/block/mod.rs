@@ -39,6 +39,18 @@ pub struct Block {
     bounce: Vec<u8>,
 }
 
+// By hand: the bounce buffer is 128 KiB of bytes.
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("disk", &self.disk)
+            .field("features", &self.features)
+            .field("acked_features", &self.acked_features)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Block {
     /// Opens and locks the image.
     pub fn new(cfg: &DiskConfig) -> Result<Self, ImageError> {

@@ -52,6 +52,10 @@ enum Status {
 }
 
 impl Status {
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the virtio-blk status values are 0, 1 and 2"
+    )]
     fn byte(self) -> u8 {
         (match self {
             Status::Ok => VIRTIO_BLK_S_OK,
@@ -116,7 +120,7 @@ fn fail_without_writer(mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
     match status_addr {
         Some(a)
             if mem
-                .write_obj(VIRTIO_BLK_S_IOERR as u8, vm_memory::GuestAddress(a))
+                .write_obj(Status::IoErr.byte(), vm_memory::GuestAddress(a))
                 .is_ok() =>
         {
             1
@@ -197,7 +201,7 @@ fn read(ctx: &mut Context<'_>, offset: u64, len: u64, data: &mut Writer<'_>) -> 
     ctx.bounce.resize(CHUNK, 0);
     let mut done = 0u64;
     while done < len {
-        let n = (len - done).min(CHUNK as u64) as usize;
+        let n = usize::try_from(len - done).map_or(CHUNK, |left| left.min(CHUNK));
         let buf = &mut ctx.bounce[..n];
         if let Err(e) = ctx.disk.read_exact_at(buf, offset + done) {
             return io_error("read", e);
@@ -215,7 +219,7 @@ fn write(ctx: &mut Context<'_>, offset: u64, len: u64, src: &mut Reader<'_>) -> 
     ctx.bounce.resize(CHUNK, 0);
     let mut done = 0u64;
     while done < len {
-        let n = (len - done).min(CHUNK as u64) as usize;
+        let n = usize::try_from(len - done).map_or(CHUNK, |left| left.min(CHUNK));
         let buf = &mut ctx.bounce[..n];
         if src.read_exact(buf).is_err() {
             return Status::IoErr;

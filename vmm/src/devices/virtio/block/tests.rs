@@ -6,6 +6,7 @@ use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
+use crate::arch::x86_64::layout::fit_u8;
 use crate::devices::virtio::config::DiskId;
 use crate::devices::virtio::test_util::*;
 
@@ -18,7 +19,7 @@ const SECTORS: u64 = 256;
 fn image(dir: &TempDir, name: &str) -> PathBuf {
     let p = dir.path().join(name);
     let data: Vec<u8> = (0..SECTORS * 512)
-        .map(|i| ((i / 512) + (i % 512)) as u8)
+        .map(|i| (((i / 512) + (i % 512)) & 0xff) as u8)
         .collect();
     std::fs::write(&p, data).unwrap();
     p
@@ -101,19 +102,19 @@ impl Up<'_> {
             b.extend_from_slice(&f.to_le_bytes());
         }
         self.mem.write_slice(&b, GuestAddress(BUF)).unwrap();
-        b.len() as u32
+        u32::try_from(b.len()).unwrap()
     }
 }
 
 fn expected(sector: u64, len: usize) -> Vec<u8> {
     (0..len as u64)
-        .map(|i| (sector + i / 512 + i % 512) as u8)
+        .map(|i| ((sector + i / 512 + i % 512) & 0xff) as u8)
         .collect()
 }
 
-const OK: u8 = VIRTIO_BLK_S_OK as u8;
-const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
-const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+const OK: u8 = fit_u8(VIRTIO_BLK_S_OK as u64);
+const IOERR: u8 = fit_u8(VIRTIO_BLK_S_IOERR as u64);
+const UNSUPP: u8 = fit_u8(VIRTIO_BLK_S_UNSUPP as u64);
 
 #[test]
 fn config_space_and_features() {

@@ -157,7 +157,7 @@ fn feature_writes_outside_negotiation_are_ignored() {
     h.activate(0, &[&q]);
     // After FEATURES_OK the driver cannot change its mind.
     h.write32(REG_DRIVER_FEATURES_SEL, 0);
-    h.write32(REG_DRIVER_FEATURES, DUMMY_FEATURE as u32);
+    h.write32(REG_DRIVER_FEATURES, u32::try_from(DUMMY_FEATURE).unwrap());
     assert_eq!(log.lock().unwrap().activated, vec![V1]);
 }
 
@@ -366,7 +366,7 @@ fn queues_outside_guest_memory_fail_activation() {
     assert_eq!(h.read32(REG_CONFIG_GENERATION), 1);
 
     // A used ring that ends just past the end of memory.
-    let end = MEM_SIZE as u32;
+    let end = u32::try_from(MEM_SIZE).unwrap();
     h.negotiate(V1);
     h.write32(REG_QUEUE_SEL, 0);
     h.write32(REG_QUEUE_DESC_LOW, 0x1000);
@@ -456,7 +456,7 @@ fn busy_queue_yields_after_its_budget() {
     // empties it: without a budget the device would never return.
     log.lock().unwrap().refill = Some(q.mock.avail_addr().0);
     h.kick(0);
-    let budget = crate::devices::virtio::queue::CHAIN_BUDGET as u16;
+    let budget = u16::try_from(crate::devices::virtio::queue::CHAIN_BUDGET).unwrap();
     assert_eq!(q.used_idx(), budget);
     assert_eq!(
         h.transport.queue_evts[0].read().unwrap(),

@@ -34,6 +34,21 @@ pub enum TapError {
     Offload { name: String, source: io::Error },
 }
 
+/// TUNSETIFF's flags: a TAP device, frames with a virtio-net header.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the flags are 0x5002; ifreq holds them in a c_short"
+)]
+const TAP_FLAGS: libc::c_short =
+    (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+/// TUNSETVNETHDRSZ's argument.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "the header is 12 bytes"
+)]
+const VNET_HDR_SIZE: libc::c_int = VNET_HDR_LEN as libc::c_int;
+
 #[derive(Debug)]
 pub struct Tap {
     file: File,
@@ -59,9 +74,9 @@ impl Tap {
         // SAFETY: ifreq is a plain C struct for which all-zero is valid.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
         for (dst, src) in ifr.ifr_name.iter_mut().zip(cname.as_bytes()) {
-            *dst = *src as libc::c_char;
+            *dst = libc::c_char::from_ne_bytes([*src]);
         }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+        ifr.ifr_ifru.ifru_flags = TAP_FLAGS;
         // SAFETY: TUNSETIFF reads and writes one `ifreq`, which outlives the call.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
         if ret < 0 {
@@ -72,7 +87,7 @@ impl Tap {
                 _ => TapError::Attach { name, source: e },
             });
         }
-        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        let hdr_len = VNET_HDR_SIZE;
         // SAFETY: TUNSETVNETHDRSZ reads one c_int, which outlives the call.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
         if ret < 0 {

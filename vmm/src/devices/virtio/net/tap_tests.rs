@@ -197,7 +197,7 @@ fn real_tap_round_trip_in_a_network_namespace() {
     let mut last_send: Option<Instant> = None;
     while !got_reply && Instant::now() < deadline {
         if last_send.is_none_or(|t| t.elapsed() > Duration::from_millis(300)) {
-            tx.add(&[r(DATA + 0x10_0000, arp.len() as u32)]);
+            tx.add(&[r(DATA + 0x10_0000, u32_of(arp.len()))]);
             h.kick(1);
             last_send = Some(Instant::now());
         }
@@ -212,7 +212,7 @@ fn real_tap_round_trip_in_a_network_namespace() {
         while seen != rx.used_idx() {
             let (id, len) = rx.used(seen);
             seen = seen.wrapping_add(1);
-            let buf = bufs[&(id as u16)];
+            let buf = bufs[&u16_of(id)];
             let mut f = vec![0u8; len as usize];
             mem.read_slice(&mut f, GuestAddress(buf)).unwrap();
             got_reply |= is_arp_reply_from_host(&f);

@@ -142,8 +142,8 @@ fn transmits_frames_whole() {
     mem.write_slice(&f[VNET_HDR_LEN..], GuestAddress(BUF + 0x1000))
         .unwrap();
     let head = u.tx.add(&[
-        r(BUF, VNET_HDR_LEN as u32),
-        r(BUF + 0x1000, (f.len() - VNET_HDR_LEN) as u32),
+        r(BUF, u32_of(VNET_HDR_LEN)),
+        r(BUF + 0x1000, u32_of(f.len() - VNET_HDR_LEN)),
     ]);
     u.h.kick(1);
     assert_eq!(u.recv_on_host(), Some(f.clone()));
@@ -160,7 +160,7 @@ fn transmits_frames_whole() {
 fn malformed_tx_chains_are_dropped_and_counted() {
     let mem = guest_mem();
     let mut u = up(&mem);
-    let max = (VNET_HDR_LEN + MAX_FRAME_LEN) as u32;
+    let max = u32_of(VNET_HDR_LEN + MAX_FRAME_LEN);
     u.tx.add(&[r(BUF, 11)]); // shorter than the header
     u.tx.add(&[r(BUF, max + 1)]); // longer than 64 KiB + header
     u.tx.add(&[r(BUF, 60), w(BUF + 0x2_0000, 60)]); // writable buffer
@@ -181,7 +181,7 @@ fn receives_frames_into_guest_buffers() {
     let head = u.rx.add(&[w(BUF, 64), w(BUF + 0x1000, 1600)]);
     u.send_from_host(&f);
     u.tap_readable();
-    assert_eq!(u.rx.last_used(), (u32::from(head), f.len() as u32));
+    assert_eq!(u.rx.last_used(), (u32::from(head), u32_of(f.len())));
     let mut got = u.guest(BUF, 64);
     got.extend(u.guest(BUF + 0x1000, f.len() - 64));
     assert_eq!(got, delivered(&f), "num_buffers is 1");
@@ -230,7 +230,7 @@ fn frames_that_do_not_fit_are_dropped_and_the_buffer_returned_empty() {
     u.tap_readable();
     assert_eq!(u.rx.used_idx(), 2);
     assert_eq!(u.rx.used(0), (u32::from(first), 0));
-    assert_eq!(u.rx.used(1), (u32::from(second), small.len() as u32));
+    assert_eq!(u.rx.used(1), (u32::from(second), u32_of(small.len())));
     assert_eq!(u.guest(BUF + 0x1000, small.len()), delivered(&small));
     assert_eq!(u.counters.rx_dropped.load(Ordering::Relaxed), 1);
 }
@@ -251,7 +251,7 @@ fn unusable_rx_chains_are_returned_empty_and_the_frame_kept() {
     for i in 0..4 {
         assert_eq!(u.rx.used(i).1, 0, "chain {i}");
     }
-    assert_eq!(u.rx.used(4), (u32::from(good), f.len() as u32));
+    assert_eq!(u.rx.used(4), (u32::from(good), u32_of(f.len())));
     assert_eq!(u.counters.rx_bad_chains.load(Ordering::Relaxed), 4);
 }
 
@@ -273,7 +273,7 @@ fn frames_wait_while_the_device_is_inactive() {
     h.activate(0, &[&rx, &tx]);
     // Activation kicked the RX queue's EventFd; the event loop would run:
     h.kick(0);
-    assert_eq!(rx.last_used().1, f.len() as u32);
+    assert_eq!(rx.last_used().1, u32_of(f.len()));
 }
 
 #[test]
@@ -290,7 +290,7 @@ fn survives_hostile_tx_chains() {
     hostile_battery(&mut h, &mut tx, &mut |h| h.kick(1), &mut |h, q| {
         let mut b = vec![0u8; 70000];
         while peer.read(&mut b).is_ok() {}
-        q.add(&[r(BUF + 0x8000, f.len() as u32)]);
+        q.add(&[r(BUF + 0x8000, u32_of(f.len()))]);
         h.kick(1);
         let n = peer.read(&mut b).unwrap();
         assert_eq!(&b[..n], &f[..]);

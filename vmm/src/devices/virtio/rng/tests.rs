@@ -43,7 +43,7 @@ fn caps_huge_requests() {
     let (mut h, mut q, _) = rng_up(&mem);
     q.add(&[w(DATA, 4 << 20)]);
     h.kick(0);
-    assert_eq!(q.last_used().1, MAX_BYTES_PER_REQUEST as u32);
+    assert_eq!(q.last_used().1, u32_of(MAX_BYTES_PER_REQUEST));
 }
 
 #[test]
