@@ -152,7 +152,7 @@ pub fn build_with(
 
     crate::milestone!("KVM opened");
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+    vm.set_tss_address(crate::usize_of(layout::KVM_TSS_ADDRESS))
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
         .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;

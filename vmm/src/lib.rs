@@ -22,3 +22,15 @@ pub mod telemetry;
 pub mod threads;
 pub mod vcpu;
 pub mod vm;
+
+// ksmvm runs x86-64 guests on x86-64 hosts: usize is 64 bits, which is
+// what makes `usize_of` lossless.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("ksmvm needs a 64-bit target");
+
+/// A u64 length or address as a usize, lossless on the 64-bit targets
+/// ksmvm builds for (see the `compile_error!` above).
+#[allow(clippy::cast_possible_truncation, reason = "usize is 64 bits here")]
+pub const fn usize_of(v: u64) -> usize {
+    v as usize
+}

@@ -45,7 +45,7 @@ pub struct HostRegion {
 pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes)
         .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .map(|(start, len)| (GuestAddress(start), crate::usize_of(len)))
         .collect();
     let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map {
         mib: mem_bytes >> 20,
@@ -75,8 +75,13 @@ fn madvise_all(
         // SAFETY: the range is exactly one of our own guest RAM mappings, which
         // stay mapped for the life of `mem`; MADV_(UN)MERGEABLE does not change
         // the contents the guest sees.
-        let ret =
-            unsafe { libc::madvise(r.host_addr as *mut libc::c_void, r.len as usize, advice) };
+        let ret = unsafe {
+            libc::madvise(
+                r.host_addr as *mut libc::c_void,
+                crate::usize_of(r.len),
+                advice,
+            )
+        };
         if ret != 0 {
             return Err(MemoryError::Madvise {
                 advice: name,
@@ -101,9 +106,9 @@ pub fn set_mergeable(mem: &GuestMemoryMmap, mergeable: bool) -> Result<(), Memor
 
 /// Registers every region as a KVM memory slot.
 pub fn register(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
-    for (slot, r) in host_regions(mem).into_iter().enumerate() {
+    for (slot, r) in (0u32..).zip(host_regions(mem)) {
         let region = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot,
             guest_phys_addr: r.guest_addr,
             memory_size: r.len,
             userspace_addr: r.host_addr,
@@ -111,10 +116,8 @@ pub fn register(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), Memo
         };
         // SAFETY: the host range is a live mapping owned by `mem`, which the
         // VM keeps alive (and does not unmap) for as long as the VM fd exists.
-        unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::Register {
-            slot: slot as u32,
-            source,
-        })?;
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|source| MemoryError::Register { slot, source })?;
     }
     Ok(())
 }

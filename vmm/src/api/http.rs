@@ -35,6 +35,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// shutdown); a client stuck mid-request cannot hold the VM's exit longer.
 const STOP_GRACE: Duration = Duration::from_millis(500);
 
+#[derive(Debug)]
 pub enum Listener {
     Unix(std::os::unix::net::UnixListener),
     Tcp(std::net::TcpListener),
@@ -74,6 +75,14 @@ impl AsyncListener {
 pub struct HttpServer {
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for HttpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServer")
+            .field("running", &self.thread.is_some())
+            .finish()
+    }
 }
 
 impl HttpServer {

@@ -22,6 +22,14 @@ pub struct MarkerWatch {
     evt: EventFd,
 }
 
+impl std::fmt::Debug for MarkerWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MarkerWatch")
+            .field("marker", &String::from_utf8_lossy(&self.marker))
+            .finish_non_exhaustive()
+    }
+}
+
 impl MarkerWatch {
     pub fn new(inner: SerialOut, marker: &str, evt: EventFd) -> Self {
         Self {

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::stats::ApproxF64;
 use crate::vm::VmHandle;
 
 /// Pss and the other smaps-only figures are not on the line; a full smaps
@@ -28,7 +29,7 @@ pub fn line(vm: &VmHandle) -> String {
 }
 
 fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+    format!("{:.1} MiB", bytes.approx_f64() / f64::from(1u32 << 20))
 }
 
 pub fn status_text(guest_bytes: u64, ksm: bool, resident: u64, merged: Option<u64>) -> String {

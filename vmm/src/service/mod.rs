@@ -52,6 +52,16 @@ pub struct SystemdSupervisor {
     notify_failed: bool,
 }
 
+impl std::fmt::Debug for SystemdSupervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SystemdSupervisor")
+            .field("ready", &self.ready)
+            .field("phase", &self.phase)
+            .field("last_status", &self.last_status)
+            .finish_non_exhaustive()
+    }
+}
+
 impl SystemdSupervisor {
     /// `watchdog_stop_after` is fault injection: stop sending WATCHDOG=1
     /// after that long, to test that systemd restarts a silent VMM.

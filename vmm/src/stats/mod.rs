@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 pub use error::StatsError;
 pub use ksm_stat::parse_ksm_stat;
 pub use regions::GuestRegions;
-pub use sampler::Sampler;
+pub use sampler::{page_size, Sampler};
 pub use smaps::{parse_smaps, SmapsAccumulator, SmapsTotals};
 
 /// Counts as the nearest `f64`, for ratios, rates and display.

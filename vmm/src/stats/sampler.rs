@@ -242,7 +242,8 @@ fn merged_bytes(smaps_ksm: Option<u64>, ksm: &KsmProcessStats, page: u64, rss: u
     }
 }
 
-fn page_size() -> u64 {
+/// The host's page size (4096 if it cannot be asked).
+pub fn page_size() -> u64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
         Ok(Some(p)) if p > 0 => p.unsigned_abs(),
         _ => 4096,

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::ksm::{find_ksmd, parse_stat_ticks, Ksm, KsmCounters, RunMode};
+use crate::stats::{page_size, ApproxF64};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostSample {
@@ -44,22 +45,15 @@ impl HostSample {
     }
 }
 
-pub fn page_size() -> u64 {
-    match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
-        Ok(Some(p)) if p > 0 => p as u64,
-        _ => 4096,
-    }
-}
-
 fn ksmd_cpu_seconds(proc_root: &Path) -> Option<f64> {
     let pid = find_ksmd(proc_root).ok()??;
     let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
     let ticks = parse_stat_ticks(&stat)?;
     let hz = match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
-        Ok(Some(t)) if t > 0 => t as f64,
+        Ok(Some(t)) if t > 0 => t.approx_f64(),
         _ => return None,
     };
-    Some(ticks as f64 / hz)
+    Some(ticks.approx_f64() / hz)
 }
 
 #[cfg(test)]

@@ -5,5 +5,6 @@
 mod host;
 mod metrics;
 
-pub use host::{page_size, HostSample};
+pub use crate::stats::page_size;
+pub use host::HostSample;
 pub use metrics::{render_vm, Exposition, Kind as MetricKind, Value, CONTENT_TYPE};

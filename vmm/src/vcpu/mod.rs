@@ -60,6 +60,14 @@ pub struct Vcpu {
     mmio_bus: Arc<Bus>,
 }
 
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Vcpu {
     pub fn new(
         vm: &kvm_ioctls::VmFd,
@@ -237,7 +245,7 @@ impl Vcpu {
         }
         let mut buf = [0u8; 15];
         // Stop at the page end: the next page may map elsewhere.
-        let room = (0x1000 - (t.physical_address & 0xfff)) as usize;
+        let room = crate::usize_of(0x1000 - (t.physical_address & 0xfff));
         let n = buf.len().min(room);
         match self
             .mem

@@ -60,6 +60,14 @@ pub struct EventLoopHandle {
     thread: Option<JoinHandle<Result<(), EventLoopError>>>,
 }
 
+impl std::fmt::Debug for EventLoopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoopHandle")
+            .field("running", &self.thread.is_some())
+            .finish()
+    }
+}
+
 impl EventLoopHandle {
     /// Asks the loop to exit; it finishes the event it is handling first.
     pub fn stop(&self) -> io::Result<()> {

@@ -92,7 +92,7 @@ pub enum ManagerError {
     )]
     Ioevent {
         index: usize,
-        queue: usize,
+        queue: u32,
         source: io::Error,
     },
     #[error("virtio device {index}: {source}")]
@@ -112,6 +112,14 @@ pub const MAX_DEVICES: usize = (IRQ_MAX - IRQ_VIRTIO_BASE) as usize;
 pub struct VirtioDevices {
     mem: Arc<GuestMemoryMmap>,
     devices: Vec<(DeviceInfo, LoopDevice)>,
+}
+
+impl std::fmt::Debug for VirtioDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.devices.iter().map(|(info, _)| info))
+            .finish()
+    }
 }
 
 impl VirtioDevices {
@@ -134,15 +142,17 @@ impl VirtioDevices {
         cmdline_extra: &mut Vec<String>,
     ) -> Result<DeviceInfo, ManagerError> {
         let index = self.devices.len();
+        let too_many = ManagerError::TooMany { max: MAX_DEVICES };
         if index >= MAX_DEVICES {
-            return Err(ManagerError::TooMany { max: MAX_DEVICES });
+            return Err(too_many);
         }
+        let irq_index = u32::try_from(index).map_err(|_| too_many)?;
         let info = DeviceInfo {
             index,
             device_type: device.device_type(),
             mmio_base: VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
             mmio_size: VIRTIO_MMIO_SIZE,
-            irq: virtio_irq(index as u32),
+            irq: virtio_irq(irq_index),
         };
         let evt_err = |source| ManagerError::EventFd { index, source };
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(evt_err)?;
@@ -162,11 +172,11 @@ impl VirtioDevices {
                 gsi: info.irq,
                 source,
             })?;
-        for (queue, evt) in queue_evts.iter().enumerate() {
+        for (queue, evt) in (0u32..).zip(queue_evts.iter()) {
             // Datamatch on the queue index: the one register address serves
             // all queues, and a write of any other value still exits to the
             // transport (which ignores or forwards it).
-            vm.register_ioevent(evt, info.mmio_base + REG_QUEUE_NOTIFY, queue as u32)
+            vm.register_ioevent(evt, info.mmio_base + REG_QUEUE_NOTIFY, queue)
                 .map_err(|source| ManagerError::Ioevent {
                     index,
                     queue,

@@ -1,15 +1,20 @@
 //! Human-readable numbers for the CLI tables.
 
+use ksmvm::stats::ApproxF64;
+
 const KIB: f64 = 1024.0;
 
 /// Binary units with one decimal: `512B`, `1.5K`, `64.0M`, `2.0G`.
 pub fn bytes(v: u64) -> String {
-    signed_bytes(v as i128)
+    signed_bytes(i128::from(v))
 }
 
 pub fn signed_bytes(v: i128) -> String {
     let sign = if v < 0 { "-" } else { "" };
-    let mut x = v.unsigned_abs() as f64;
+    // Above 2^64 bytes a table cell may as well saturate.
+    let mut x = u64::try_from(v.unsigned_abs())
+        .unwrap_or(u64::MAX)
+        .approx_f64();
     if x < KIB {
         return format!("{sign}{x}B");
     }

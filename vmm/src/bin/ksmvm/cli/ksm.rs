@@ -1,5 +1,6 @@
 //! `ksmvm ksm ...`: inspect and tune the host's KSM.
 
+use ksmvm::stats::{page_size, ApproxF64};
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -178,13 +179,6 @@ pub fn run_with(ksm: &Ksm, cmd: KsmCommand, out: &mut dyn Write) -> Result<(), K
     Ok(())
 }
 
-fn page_size() -> u64 {
-    match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
-        Ok(Some(p)) if p > 0 => p as u64,
-        _ => 4096,
-    }
-}
-
 const NA: &str = "unavailable";
 
 fn num<T: ToString>(v: Option<T>) -> String {
@@ -194,7 +188,7 @@ fn num<T: ToString>(v: Option<T>) -> String {
 fn pages(v: Option<u64>, page_size: u64) -> String {
     v.map_or_else(
         || NA.to_owned(),
-        |p| format!("{p} ({})", mib((p * page_size) as f64)),
+        |p| format!("{p} ({})", mib(p.saturating_mul(page_size).approx_f64())),
     )
 }
 
@@ -249,7 +243,7 @@ fn print_table(r: &KsmReport, window_ms: u64, out: &mut dyn Write) -> io::Result
     };
     let profit = general_profit.map_or_else(
         || NA.to_owned(),
-        |b| format!("{b} bytes ({})", mib(b as f64)),
+        |b| format!("{b} bytes ({})", mib(b.approx_f64())),
     );
     let rows: [(&str, String); 25] = [
         ("run", num(*run)),

@@ -289,7 +289,8 @@ fn draw(f: &mut ratatui::Frame, frame: &Frame, dir: &Path, interval: Duration) {
         .map(|r| r[0].chars().count())
         .max()
         .unwrap_or(0)
-        .max(COLUMNS[0].len()) as u16;
+        .max(COLUMNS[0].len());
+    let name_width = u16::try_from(name_width).unwrap_or(u16::MAX);
     let widths = [
         Constraint::Length(name_width),
         Constraint::Length(8),

@@ -96,6 +96,15 @@ pub struct BalloonHandle {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for BalloonHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BalloonHandle")
+            .field("target_mib", &self.target_mib())
+            .field("actual_mib", &self.actual_mib())
+            .finish()
+    }
+}
+
 impl BalloonHandle {
     /// Asks the guest to give up `mib` MiB (0 deflates the balloon fully).
     pub fn set_target_mib(&self, mib: u64) -> Result<(), BalloonError> {
@@ -169,6 +178,16 @@ pub struct Balloon {
     stats_head: Option<u16>,
     /// What the driver fills freed pages with (config space, PAGE_POISON).
     poison_val: u32,
+}
+
+impl std::fmt::Debug for Balloon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balloon")
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("layout", &self.layout)
+            .field("poison_val", &self.poison_val)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Balloon {
@@ -246,7 +265,7 @@ impl Balloon {
             if inflate {
                 discard(mem, gpa, len).is_ok()
             } else {
-                mem.check_range(GuestAddress(gpa), len as usize)
+                mem.check_range(GuestAddress(gpa), crate::usize_of(len))
             }
         };
         let flush = |(first, n): (u64, u64)| {

@@ -176,16 +176,16 @@ fn bring_up(bus: &Bus, base: u64, features: u64, queues: &[&GuestQueue<'_>]) {
     w(REG_STATUS, s1);
     w(REG_STATUS, s2);
     w(REG_DRIVER_FEATURES_SEL, 0);
-    w(REG_DRIVER_FEATURES, features as u32);
+    w(REG_DRIVER_FEATURES, u32_of(features & 0xffff_ffff));
     w(REG_DRIVER_FEATURES_SEL, 1);
-    w(REG_DRIVER_FEATURES, (features >> 32) as u32);
+    w(REG_DRIVER_FEATURES, u32_of(features >> 32));
     w(REG_STATUS, s3);
     for (i, q) in queues.iter().enumerate() {
-        w(REG_QUEUE_SEL, i as u32);
+        w(REG_QUEUE_SEL, u32_of(i));
         w(REG_QUEUE_NUM, u32::from(q.size));
-        w(REG_QUEUE_DESC_LOW, q.mock.desc_table_addr().0 as u32);
-        w(REG_QUEUE_DRIVER_LOW, q.mock.avail_addr().0 as u32);
-        w(REG_QUEUE_DEVICE_LOW, q.used_addr.0 as u32);
+        w(REG_QUEUE_DESC_LOW, u32_of(q.mock.desc_table_addr().0));
+        w(REG_QUEUE_DRIVER_LOW, u32_of(q.mock.avail_addr().0));
+        w(REG_QUEUE_DEVICE_LOW, u32_of(q.used_addr.0));
         w(REG_QUEUE_READY, 1);
     }
     w(REG_STATUS, s3 | VIRTIO_CONFIG_S_DRIVER_OK);
