@@ -23,10 +23,7 @@ use crate::devices::acpi::{AcpiPm, PvPanic};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialOut};
-use crate::devices::virtio::balloon::BalloonError;
-use crate::devices::virtio::block::ImageError;
-use crate::devices::virtio::net::TapError;
-use crate::devices::virtio::{Balloon, Block, ManagerError, Net, Rng, VirtioDevices};
+use crate::devices::virtio::{CreateError, ManagerError, VirtioDevices};
 use crate::memory::{self, MemoryError};
 use crate::outcome::{ExitStatus, HasExitStatus};
 use crate::vcpu::{Vcpu, VcpuError, VmControl};
@@ -64,11 +61,7 @@ pub enum BuildError {
     #[error("device bus: {0}")]
     Bus(#[from] BusError),
     #[error(transparent)]
-    Disk(#[from] ImageError),
-    #[error(transparent)]
-    Tap(#[from] TapError),
-    #[error(transparent)]
-    Balloon(#[from] BalloonError),
+    Device(#[from] CreateError),
     #[error(transparent)]
     Virtio(#[from] ManagerError),
 }
@@ -80,8 +73,7 @@ impl HasExitStatus for BuildError {
         match self {
             BuildError::KvmOpen(_)
             | BuildError::SerialFile { .. }
-            | BuildError::Disk(_)
-            | BuildError::Tap(_) => BadInput,
+            | BuildError::Device(CreateError::Disk(_) | CreateError::Tap(_)) => BadInput,
             BuildError::Boot(e) => match e {
                 BootError::ZeroPage(_)
                 | BootError::CmdlineLoad(_)
@@ -273,8 +265,8 @@ fn full_cmdline(base: &str, device_params: &[String]) -> String {
 
 type VirtioSetup = (VirtioDevices, Vec<String>);
 
-/// Creates the configured virtio devices on the MMIO bus (disks, then nets,
-/// balloon and rng) and returns the command line parameters announcing them.
+/// Creates the configured virtio devices on the MMIO bus, in the order the
+/// guest sees them, and returns the command line parameters announcing them.
 fn add_virtio_devices(
     config: &VmConfig,
     vm: &kvm_ioctls::VmFd,
@@ -283,18 +275,8 @@ fn add_virtio_devices(
 ) -> Result<VirtioSetup, BuildError> {
     let mut devices = VirtioDevices::new(Arc::new(mem.clone()));
     let mut params = Vec::new();
-    for disk in &config.disks {
-        devices.add(Block::new(disk)?, mmio_bus, vm, &mut params)?;
-    }
-    for net in &config.nets {
-        devices.add(Net::new(net)?, mmio_bus, vm, &mut params)?;
-    }
-    if let Some(b) = &config.balloon {
-        let (dev, _) = Balloon::new(b, mem)?;
-        devices.add(dev, mmio_bus, vm, &mut params)?;
-    }
-    if config.rng {
-        devices.add(Rng::new(), mmio_bus, vm, &mut params)?;
+    for device in crate::devices::virtio::create(&config.devices, mem)? {
+        devices.add_boxed(device, mmio_bus, vm, &mut params)?;
     }
     Ok((devices, params))
 }

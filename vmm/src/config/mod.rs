@@ -5,6 +5,7 @@
 //! the builder takes. Device options (`--disk`, `--net`, `--balloon`) are
 //! in [`devices`]; errors name `FILE:LINE:COLUMN: key` or the `--flag`.
 
+pub mod devices;
 mod file;
 mod host;
 mod locate;
@@ -13,11 +14,6 @@ mod ready;
 mod resolve;
 mod settings;
 mod vm_config;
-
-/// The device options, for now where the devices are.
-pub mod devices {
-    pub use crate::devices::virtio::{BalloonConfig, DiskConfig, MacAddr, NetConfig, RngConfig};
-}
 
 pub use file::InstanceFile;
 pub use host::HostLimits;

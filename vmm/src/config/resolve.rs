@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::devices::DeviceSet;
 use super::file::InstanceFile;
 use super::host::HostLimits;
 use super::{ConfigError, OnOff, ReadyMode, SerialSink, Settings, ValidVmConfig, VmConfig};
@@ -114,6 +115,7 @@ pub fn resolve(
     };
     let base = file.map(|f| f.settings.clone()).unwrap_or_default();
     let s = base.overlay(flags.clone());
+    let devices = DeviceSet::from_settings(&s);
 
     let Some(kernel) = s.kernel else {
         return Err(InstanceError::Invalid {
@@ -125,8 +127,7 @@ pub fn resolve(
     if let Some(initrd) = &s.initrd {
         check_file(&origins, "initrd", "initrd", initrd)?;
     }
-    let disks = s.disk.unwrap_or_default();
-    for (i, d) in disks.iter().enumerate() {
+    for (i, d) in devices.disks.iter().enumerate() {
         check_file(&origins, &format!("disk[{i}].path"), "disk", &d.path)?;
     }
 
@@ -143,10 +144,7 @@ pub fn resolve(
         vcpus: s.vcpus.unwrap_or(DEFAULT_VCPUS),
         serial: s.serial.unwrap_or(SerialSink::Stdout),
         ksm: s.ksm.unwrap_or(OnOff::On).is_on(),
-        disks,
-        nets: s.net.unwrap_or_default(),
-        balloon: s.balloon,
-        rng: s.rng.unwrap_or(OnOff::On).is_on(),
+        devices,
     };
     let vm = vm
         .validate(host)

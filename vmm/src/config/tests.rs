@@ -249,11 +249,12 @@ fn devices_and_api_socket() {
         ..Default::default()
     };
     let i = resolve(Some(&file), flags, &HOST).unwrap();
-    assert_eq!(i.vm.disks.len(), 1);
-    assert!(!i.vm.disks[0].read_only);
-    assert_eq!(i.vm.nets.len(), 1);
-    assert!(i.vm.balloon.as_ref().unwrap().deflate_on_oom);
-    assert!(!i.vm.rng);
+    let d = &i.vm.devices;
+    assert_eq!(d.disks.len(), 1);
+    assert!(!d.disks[0].read_only);
+    assert_eq!(d.nets.len(), 1);
+    assert!(d.balloon.as_ref().unwrap().deflate_on_oom);
+    assert!(!d.rng);
     assert_eq!(i.api_sock, dir.join("api.sock"));
     let e = parse("[[disk]]\npath = \"/x\"\nsize = 3\n").unwrap_err();
     assert!(

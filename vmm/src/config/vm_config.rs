@@ -8,9 +8,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::devices::DeviceSet;
 use super::host::HostLimits;
 use crate::arch::x86_64::layout::{MAX_MEM_MIB, MIN_MEM_MIB};
-use crate::devices::virtio::{BalloonConfig, DiskConfig, NetConfig};
 
 /// The command line a guest gets when none is given: serial console,
 /// reboot through the i8042 (which the VMM sees), no PCI probing.
@@ -89,13 +89,8 @@ pub struct VmConfig {
     pub serial: SerialSink,
     /// Mark guest RAM MADV_MERGEABLE.
     pub ksm: bool,
-    /// virtio-blk disks, in the order the guest sees them.
-    pub disks: Vec<DiskConfig>,
-    /// virtio-net devices backed by existing TAP devices.
-    pub nets: Vec<NetConfig>,
-    pub balloon: Option<BalloonConfig>,
-    /// The virtio entropy device.
-    pub rng: bool,
+    /// The virtio devices.
+    pub devices: DeviceSet,
 }
 
 impl VmConfig {
@@ -179,10 +174,7 @@ mod tests {
             vcpus: 1,
             serial: SerialSink::Stdout,
             ksm: true,
-            disks: vec![],
-            nets: vec![],
-            balloon: None,
-            rng: true,
+            devices: DeviceSet::default(),
         }
     }
 

@@ -13,10 +13,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{epoll_add, Supervisor, VmError, VmHandle};
 use super::{TOKEN_EXIT, TOKEN_READY, TOKEN_RESET, TOKEN_SIGNAL, TOKEN_STDIN};
+use crate::config::devices::DiskConfig;
 use crate::devices::bus::lock;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
-use crate::devices::virtio::{DiskConfig, EventLoopHandle};
+use crate::devices::virtio::EventLoopHandle;
 use crate::outcome::ExitOutcome;
 use crate::shutdown::{GracefulShutdown, StopAction};
 use crate::vcpu::{VcpuHandle, VmControl};

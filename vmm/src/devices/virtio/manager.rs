@@ -141,6 +141,17 @@ impl VirtioDevices {
         vm: &dyn EventRegistrar,
         cmdline_extra: &mut Vec<String>,
     ) -> Result<DeviceInfo, ManagerError> {
+        self.add_boxed(Box::new(device), mmio_bus, vm, cmdline_extra)
+    }
+
+    /// [`add`](Self::add) for a device model already boxed.
+    pub fn add_boxed(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        mmio_bus: &mut Bus,
+        vm: &dyn EventRegistrar,
+        cmdline_extra: &mut Vec<String>,
+    ) -> Result<DeviceInfo, ManagerError> {
         let index = self.devices.len();
         let too_many = ManagerError::TooMany { max: MAX_DEVICES };
         if index >= MAX_DEVICES {
@@ -185,7 +196,7 @@ impl VirtioDevices {
         }
 
         let transport = MmioTransport::new(
-            Box::new(device),
+            device,
             self.mem.clone(),
             Interrupt::new(irq_evt),
             queue_evts,

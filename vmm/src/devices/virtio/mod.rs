@@ -11,7 +11,6 @@
 //!   ioeventfds into KVM and builds the guest command line; [`event_loop`]
 //!   is the one thread on which all device work runs; [`registry`] finds a
 //!   running device by id.
-//! - [`config`]: the user-facing device options (CLI and TOML).
 //!
 //! A guest controls everything in its rings. Nothing a guest writes may
 //! panic, hang or reach host memory outside guest RAM: every descriptor is
@@ -25,7 +24,7 @@ mod ratelimit;
 
 pub mod balloon;
 pub mod block;
-pub mod config;
+pub mod create;
 pub mod device;
 pub mod event_loop;
 pub mod interrupt;
@@ -42,7 +41,9 @@ pub mod rng;
 #[doc(hidden)]
 pub mod test_util;
 
-pub use config::{BalloonConfig, DiskConfig, MacAddr, NetConfig, RngConfig};
+// The device options live with the other settings (`config::devices`).
+pub use crate::config::devices::{BalloonConfig, DiskConfig, MacAddr, NetConfig};
+pub use create::{create, CreateError};
 pub use device::VirtioDevice;
 pub use event_loop::{EventLoopError, EventLoopHandle};
 pub use manager::{DeviceInfo, EventRegistrar, ManagerError, VirtioDevices};

@@ -36,10 +36,10 @@ use vmm_sys_util::timerfd::TimerFd;
 pub use discard::{discard, DiscardError};
 pub use stats::BalloonStats;
 
-use super::config::BalloonConfig;
 use super::device::{ActivateError, EventSource, VirtioDevice};
 use super::queue::{drain, Chain, QueueBroken, QueueCtx, CHAIN_BUDGET};
 use super::{COMMON_FEATURES, PAGE_SIZE};
+use crate::config::devices::BalloonConfig;
 
 // virtio-bindings has no balloon header; virtio 1.2, 5.5.3.
 pub const VIRTIO_BALLOON_F_STATS_VQ: u32 = 1;

@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::lock::{lock, LockError, LockKind};
-use crate::devices::virtio::config::DiskConfig;
+use crate::config::devices::DiskConfig;
 
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the virtio-blk serial returned by GET_ID.

@@ -19,10 +19,10 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 pub use image::{DiskImage, ImageError, SECTOR_SIZE};
 pub use request::{BlockCounters, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 
-use super::config::DiskConfig;
 use super::device::{read_config_bytes, ActivateError, VirtioDevice};
 use super::queue::{drain, QueueCtx};
 use super::COMMON_FEATURES;
+use crate::config::devices::DiskConfig;
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Bytes of `struct virtio_blk_config` we fill in: up to and including

@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::arch::x86_64::layout::fit_u8;
-use crate::devices::virtio::config::DiskId;
+use crate::config::devices::DiskId;
 use crate::devices::virtio::test_util::*;
 
 const HDR: u64 = DATA;

@@ -10,8 +10,8 @@ use virtio_bindings::virtio_ids::{VIRTIO_ID_BALLOON, VIRTIO_ID_NET, VIRTIO_ID_RN
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
+use crate::config::devices::{BalloonConfig, MacAddr};
 use crate::devices::virtio::balloon::Balloon;
-use crate::devices::virtio::config::{BalloonConfig, MacAddr};
 use crate::devices::virtio::mmio::*;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::registry::{DeviceLookupError, BALLOON_ID};

@@ -26,10 +26,10 @@ use vm_memory::GuestMemoryMmap;
 pub use backend::NetBackend;
 pub use tap::{Tap, TapError};
 
-use super::config::{MacAddr, NetConfig};
 use super::device::{read_config_bytes, ActivateError, EventSource, VirtioDevice};
 use super::queue::{drain, Chain, QueueCtx, CHAIN_BUDGET};
 use super::COMMON_FEATURES;
+use crate::config::devices::{MacAddr, NetConfig};
 
 /// `struct virtio_net_hdr_v1`, which VERSION_1 makes the only header size.
 pub const VNET_HDR_LEN: usize = 12;

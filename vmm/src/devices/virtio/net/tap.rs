@@ -14,7 +14,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use super::backend::NetBackend;
 use super::VNET_HDR_LEN;
-use crate::devices::virtio::config::TapName;
+use crate::config::devices::TapName;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::devices::virtio::config::TapName;
+use crate::config::devices::TapName;
 use crate::devices::virtio::test_util::*;
 
 /// Why the real-TAP tests cannot run here, if they cannot.

@@ -1,4 +1,5 @@
-//! User-facing device options: `--disk`, `--net`, `--balloon`, `--rng`.
+//! User-facing device options: `--disk`, `--net`, `--balloon` (`--rng` is
+//! a plain on/off setting).
 //!
 //! Each is a `KEY=VALUE[,KEY=VALUE...]` list on the command line (parsed by
 //! `FromStr`) and a table with the same keys in an instance file (serde), so
@@ -11,6 +12,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+use super::OnOff;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceConfigError {
@@ -61,23 +64,19 @@ fn parse_kv<'a>(s: &'a str, known: &[&str]) -> Result<Vec<(&'a str, &'a str)>> {
     Ok(out)
 }
 
+/// The one on/off parser (`OnOff`), naming the option on error.
 fn parse_bool(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "on" | "true" => Ok(true),
-        "off" | "false" => Ok(false),
-        _ => Err(DeviceConfigError::Bool {
+    value
+        .parse::<OnOff>()
+        .map(bool::from)
+        .map_err(|_| DeviceConfigError::Bool {
             key: key.to_owned(),
             value: value.to_owned(),
-        }),
-    }
+        })
 }
 
-fn on_off(b: bool) -> &'static str {
-    if b {
-        "on"
-    } else {
-        "off"
-    }
+fn on_off(b: bool) -> OnOff {
+    OnOff::from(b)
 }
 
 /// The virtio-blk serial (VIRTIO_BLK_T_GET_ID): at most 20 bytes.
@@ -366,28 +365,30 @@ impl fmt::Display for BalloonConfig {
     }
 }
 
-/// `--rng[=on|off]`: the entropy device, on unless turned off.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RngConfig {
-    pub enabled: bool,
+/// The VM's virtio devices as configured, in the order the guest sees
+/// them: disks, nets, the balloon, the entropy device.
+///
+/// Adding a device: its option type in this file and its field here, its
+/// `Settings` field (the flag and the instance file key), and its model
+/// under `devices/virtio/` with its line in `devices::virtio::create`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DeviceSet {
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub balloon: Option<BalloonConfig>,
+    pub rng: bool,
 }
 
-impl Default for RngConfig {
-    fn default() -> Self {
-        Self { enabled: true }
-    }
-}
-
-impl FromStr for RngConfig {
-    type Err = DeviceConfigError;
-    fn from_str(s: &str) -> Result<Self> {
-        if s.is_empty() {
-            return Ok(Self::default());
+impl DeviceSet {
+    /// The devices `s` names, with the defaults for what it leaves out
+    /// (no disks, nets or balloon; the entropy device on).
+    pub fn from_settings(s: &super::Settings) -> Self {
+        Self {
+            disks: s.disk.clone().unwrap_or_default(),
+            nets: s.net.clone().unwrap_or_default(),
+            balloon: s.balloon.clone(),
+            rng: s.rng.unwrap_or(OnOff::On).is_on(),
         }
-        Ok(Self {
-            enabled: parse_bool("rng", s)?,
-        })
     }
 }
 
@@ -482,11 +483,17 @@ mod tests {
     }
 
     #[test]
-    fn rng_is_on_by_default() {
-        assert!(RngConfig::default().enabled);
-        assert!("".parse::<RngConfig>().unwrap().enabled);
-        assert!(!"off".parse::<RngConfig>().unwrap().enabled);
-        assert!("maybe".parse::<RngConfig>().is_err());
+    fn on_off_options_use_the_one_parser() {
+        let d: DiskConfig = "path=/a,ro=true".parse().unwrap();
+        assert!(d.read_only);
+        assert_eq!(
+            "path=/a,ro=yes"
+                .parse::<DiskConfig>()
+                .unwrap_err()
+                .to_string(),
+            "ro=\"yes\": expected on or off"
+        );
+        assert_eq!(d.to_string(), "path=/a,ro=on");
     }
 
     #[test]
@@ -510,7 +517,5 @@ mod tests {
         let b: BalloonConfig = serde_json::from_str(r#"{"stats-interval-s":3}"#).unwrap();
         assert_eq!(b.stats_interval_s, 3);
         assert!(!b.deflate_on_oom);
-        let r: RngConfig = serde_json::from_str("{}").unwrap();
-        assert!(r.enabled);
     }
 }

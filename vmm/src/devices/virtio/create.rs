@@ -1,0 +1,43 @@
+//! The device models a VM's configured [`DeviceSet`] asks for, in the
+//! order the guest sees them. A new device kind gets its line here.
+
+use vm_memory::GuestMemoryMmap;
+
+use super::balloon::{Balloon, BalloonError};
+use super::block::{Block, ImageError};
+use super::device::VirtioDevice;
+use super::net::{Net, TapError};
+use super::rng::Rng;
+use crate::config::devices::DeviceSet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error(transparent)]
+    Disk(#[from] ImageError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
+}
+
+/// Opens every device's host side (disk images, TAPs) and returns the
+/// models: disks, nets, the balloon, the entropy device.
+pub fn create(
+    set: &DeviceSet,
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<Box<dyn VirtioDevice>>, CreateError> {
+    let mut out: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for disk in &set.disks {
+        out.push(Box::new(Block::new(disk)?));
+    }
+    for net in &set.nets {
+        out.push(Box::new(Net::new(net)?));
+    }
+    if let Some(b) = &set.balloon {
+        out.push(Box::new(Balloon::new(b, mem)?.0));
+    }
+    if set.rng {
+        out.push(Box::new(Rng::new()));
+    }
+    Ok(out)
+}
