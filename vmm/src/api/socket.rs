@@ -139,6 +139,13 @@ fn bind_private(path: &Path) -> Result<UnixListener, SocketError> {
     Ok(unsafe { UnixListener::from_raw_fd(fd.into_raw_fd()) })
 }
 
+impl crate::outcome::HasExitStatus for SocketError {
+    /// A socket path that is in use or cannot be made is the host's state.
+    fn exit_status(&self) -> crate::outcome::ExitStatus {
+        crate::outcome::ExitStatus::Failure
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -183,3 +183,10 @@ pub fn resolve(
         },
     })
 }
+
+impl crate::outcome::HasExitStatus for InstanceError {
+    /// Always the user's: their file, their flags.
+    fn exit_status(&self) -> crate::outcome::ExitStatus {
+        crate::outcome::ExitStatus::BadInput
+    }
+}

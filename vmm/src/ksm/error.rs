@@ -99,3 +99,19 @@ impl KsmError {
         }
     }
 }
+
+impl crate::outcome::HasExitStatus for KsmError {
+    /// A tuning file or value the user can fix is bad input; the rest is
+    /// the host's.
+    fn exit_status(&self) -> crate::outcome::ExitStatus {
+        use crate::outcome::ExitStatus::{BadInput, Failure};
+        match self {
+            KsmError::InvalidValue { .. }
+            | KsmError::ConfigSyntax { .. }
+            | KsmError::ConfigInvalid { .. }
+            | KsmError::ConfigRead { .. } => BadInput,
+            KsmError::ConfigApply { source, .. } => source.exit_status(),
+            _ => Failure,
+        }
+    }
+}

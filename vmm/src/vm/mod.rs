@@ -178,3 +178,10 @@ impl Vm {
         })
     }
 }
+
+impl crate::outcome::HasExitStatus for VmError {
+    /// Starting a built VM fails only for the host's reasons.
+    fn exit_status(&self) -> crate::outcome::ExitStatus {
+        crate::outcome::ExitStatus::Failure
+    }
+}

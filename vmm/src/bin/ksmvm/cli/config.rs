@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use super::report_error;
+use super::fail;
 use ksmvm::config::{self, HostLimits, InstanceFile, Settings};
 
 #[derive(Subcommand, Debug)]
@@ -32,10 +32,7 @@ pub fn run(cmd: ConfigCommand) -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    report_error(&e);
-                    ksmvm::outcome::ExitStatus::BadInput.into()
-                }
+                Err(e) => fail(&e),
             }
         }
     }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use ksmvm::api::ClientError;
+use ksmvm::outcome::{ExitStatus, HasExitStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -24,4 +25,13 @@ pub enum CliError {
     Json(#[from] serde_json::Error),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl HasExitStatus for CliError {
+    fn exit_status(&self) -> ExitStatus {
+        match self {
+            CliError::Config(_) => ExitStatus::BadInput,
+            _ => ExitStatus::Failure,
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! `ksmvm ksm ...`: inspect and tune the host's KSM.
 
+use ksmvm::outcome::{ExitStatus, HasExitStatus};
 use ksmvm::stats::{page_size, ApproxF64};
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -285,6 +286,15 @@ fn print_table(r: &KsmReport, window_ms: u64, out: &mut dyn Write) -> io::Result
         writeln!(out, "{name:<36} {value}")?;
     }
     Ok(())
+}
+
+impl HasExitStatus for KsmCliError {
+    fn exit_status(&self) -> ExitStatus {
+        match self {
+            KsmCliError::Ksm(e) => e.exit_status(),
+            KsmCliError::Json(_) | KsmCliError::Output(_) => ExitStatus::Failure,
+        }
+    }
 }
 
 #[cfg(test)]

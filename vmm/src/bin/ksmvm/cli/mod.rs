@@ -23,6 +23,7 @@ use clap::{Args, Parser, Subcommand};
 
 use ksmvm::config::Settings;
 use ksmvm::instance::runtime_dir;
+use ksmvm::outcome::HasExitStatus;
 
 #[derive(Parser, Debug)]
 #[command(name = "ksmvm", version, about = "A KSM-aware microVM monitor")]
@@ -103,6 +104,12 @@ pub fn report_error(e: &dyn std::fmt::Display) {
     ksmvm::logger::fatal(&format!("ksmvm: error: {e}"));
 }
 
+/// Reports `e` and returns the exit status its type says it deserves.
+pub fn fail(e: &(impl std::fmt::Display + HasExitStatus)) -> ExitCode {
+    report_error(e);
+    e.exit_status().into()
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     ksmvm::logger::init(cli.log_level);
@@ -110,10 +117,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run_vm(&args),
         Command::Ksm(cmd) => match ksm::run(cmd) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                report_error(&e);
-                ExitCode::FAILURE
-            }
+            Err(e) => fail(&e),
         },
         Command::Config(cmd) => config::run(cmd),
         Command::List { json } => report(list::run(&runtime_dir(), json, &mut stdout())),
@@ -142,10 +146,7 @@ fn stdout() -> std::io::StdoutLock<'static> {
 fn report(r: Result<(), CliError>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            report_error(&e);
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
     }
 }
 

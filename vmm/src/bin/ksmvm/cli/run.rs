@@ -4,9 +4,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::{report_error, RunArgs};
+use super::{fail, report_error, RunArgs};
 use ksmvm::config::{self, HostLimits, Instance, InstanceFile};
-use ksmvm::outcome::{ExitOutcome, ExitStatus, HasExitStatus};
+use ksmvm::outcome::{ExitOutcome, ExitStatus};
 use ksmvm::service::SystemdSupervisor;
 
 /// Reads the instance file (if any) and applies the flags over it.
@@ -18,10 +18,7 @@ pub fn resolve(args: &RunArgs, host: &HostLimits) -> Result<Instance, config::In
 pub fn run_vm(args: &RunArgs) -> ExitCode {
     let inst = match resolve(args, &HostLimits::probe()) {
         Ok(i) => i,
-        Err(e) => {
-            report_error(&e);
-            return ExitStatus::BadInput.into();
-        }
+        Err(e) => return fail(&e),
     };
     let stop_watchdog = args.debug_stop_watchdog_after_s.map(Duration::from_secs);
     let mut sup = match SystemdSupervisor::new(&inst.service, stop_watchdog) {
@@ -35,25 +32,16 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
     let name = inst.vm.name.clone();
     let vm = match ksmvm::builder::build_with(inst.vm, |out| sup.serial_tap(&sink, out)) {
         Ok(vm) => vm,
-        Err(e) => {
-            report_error(&e);
-            return e.exit_status().into();
-        }
+        Err(e) => return fail(&e),
     };
     // After the build, which validated the name that names the socket.
     let socket = match ksmvm::api::ApiSocket::bind(&inst.api_sock, &name) {
         Ok(s) => s,
-        Err(e) => {
-            report_error(&e);
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(&e),
     };
     let running = match vm.start() {
         Ok(r) => r,
-        Err(e) => {
-            report_error(&e);
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(&e),
     };
     // The guest boots first; clients that connect meanwhile wait in the
     // socket's backlog. Started after `Vm::start` blocked the stop signals,
@@ -70,10 +58,7 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
     ksmvm::milestone!("API serving");
     match running.wait(inst.service.shutdown_timeout, &mut sup) {
         Ok(outcome) => report_outcome(&outcome).into(),
-        Err(e) => {
-            report_error(&e);
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
     }
 }
 
