@@ -1,9 +1,12 @@
 //! ksmvm: a KSM-aware microVM monitor.
 //!
-//! The crate is split the way rust-vmm's vmm-reference and Firecracker split
-//! theirs: `arch` holds x86-64 boot setup, `memory` the guest RAM, `vcpu` the
-//! vCPU threads, `devices` the emulated hardware, `vm`/`builder` assemble a VM
-//! from a validated `config`, and `stats`, `ksm` and `api` serve the hoster.
+//! Data flows one way (docs/architecture.md): `config` (settings → one
+//! validation) → `builder` → `vm` (the running VM and its `VmHandle`) →
+//! `vcpu` and `devices`; `api`, `service`, `stats` and `telemetry` serve the
+//! hoster from the handle. `arch` holds the x86-64 boot setup, `memory` the
+//! guest RAM, `ksm` the host's KSM, `instance` where a running VM lives on
+//! the host, `threads` the thread kinds. The command line is the binary's
+//! (`src/bin/ksmvm`).
 
 pub mod api;
 pub mod arch;
