@@ -12,9 +12,10 @@ use crate::vm::VmHandle;
 /// pass (which walks every page table entry) is needed only this rarely.
 const DETAIL_AGE: Duration = Duration::from_secs(300);
 
-/// E.g. `guest RAM 256 MiB: resident 80.2 MiB, KSM-merged 41.0 MiB`.
-pub fn line(vm: &VmHandle) -> String {
-    match vm.sample(DETAIL_AGE) {
+/// E.g. `guest RAM 256 MiB: resident 80.2 MiB, KSM-merged 41.0 MiB`; None
+/// while an API request holds the sampler (the caller keeps its last line).
+pub fn line(vm: &VmHandle) -> Option<String> {
+    Some(match vm.try_sample(DETAIL_AGE)? {
         Ok(st) => status_text(
             vm.mem_bytes(),
             vm.mergeable(),
@@ -25,7 +26,7 @@ pub fn line(vm: &VmHandle) -> String {
             log::debug!("memory status: {e}");
             "memory unknown".into()
         }
-    }
+    })
 }
 
 fn mib(bytes: u64) -> String {
@@ -72,6 +73,7 @@ mod tests {
         vm.mem()
             .write_slice(&vec![1u8; 1 << 20], vm_memory::GuestAddress(0))
             .unwrap();
+        let line = |vm: &crate::vm::VmHandle| line(vm).expect("nobody else samples");
         let on = line(&vm);
         assert!(on.starts_with("guest RAM 8 MiB: resident "), "{on}");
         assert!(!on.contains("resident 0.0 MiB"), "{on}");

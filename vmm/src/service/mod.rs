@@ -119,12 +119,13 @@ impl SystemdSupervisor {
         }
     }
 
-    fn running_status(&mut self) -> String {
-        let mem = self
-            .vm
-            .as_deref()
-            .map_or_else(|| "memory unknown".into(), memstatus::line);
-        format!("running; {mem}")
+    /// None while an API request is sampling the VM (try again later).
+    fn running_status(&mut self) -> Option<String> {
+        let mem = match self.vm.as_deref() {
+            Some(vm) => memstatus::line(vm)?,
+            None => "memory unknown".into(),
+        };
+        Some(format!("running; {mem}"))
     }
 
     fn set_status(&mut self, status: String) {
@@ -136,7 +137,9 @@ impl SystemdSupervisor {
 
     fn become_ready(&mut self, now: Instant) {
         self.phase = Phase::Running;
-        let status = self.running_status();
+        let status = self
+            .running_status()
+            .unwrap_or_else(|| "running".to_owned());
         self.notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         self.last_status = status;
         self.next_status = Some(now + STATUS_PERIOD);
@@ -196,8 +199,9 @@ impl Supervisor for SystemdSupervisor {
             }
         }
         if self.phase == Phase::Running && self.next_status.is_some_and(|t| now >= t) {
-            let status = self.running_status();
-            self.set_status(status);
+            if let Some(status) = self.running_status() {
+                self.set_status(status);
+            }
             self.next_status = Some(now + STATUS_PERIOD);
         }
     }

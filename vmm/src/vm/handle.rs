@@ -63,7 +63,7 @@ pub struct VmHandle {
     /// concurrent merge/unmerge requests.
     mergeable: Mutex<bool>,
     /// None with the reason when sampling cannot work on this host.
-    sampler: Result<Mutex<Sampler>, String>,
+    pub(super) sampler: Result<Mutex<Sampler>, String>,
     devices: Devices,
 }
 
@@ -290,6 +290,26 @@ impl VmHandle {
         lock(sampler)
             .sample_fresh(detail_max_age)
             .map_err(|e| VmHandleError::Stats(e.to_string()))
+    }
+
+    /// Like [`sample`](Self::sample), but None at once if another thread
+    /// is sampling: for the main loop, which must not wait behind an API
+    /// request's smaps pass.
+    pub fn try_sample(&self, detail_max_age: Duration) -> Option<Result<VmStats, VmHandleError>> {
+        let sampler = match self.sampler.as_ref() {
+            Ok(s) => s,
+            Err(e) => return Some(Err(VmHandleError::Stats(e.clone()))),
+        };
+        let mut guard = match sampler.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        Some(
+            guard
+                .sample_fresh(detail_max_age)
+                .map_err(|e| VmHandleError::Stats(e.to_string())),
+        )
     }
 
     /// The virtio devices, in the order the guest sees them.

@@ -185,3 +185,6 @@ impl crate::outcome::HasExitStatus for VmError {
         crate::outcome::ExitStatus::Failure
     }
 }
+
+#[cfg(test)]
+mod tests;
