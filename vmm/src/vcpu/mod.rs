@@ -128,15 +128,22 @@ impl Vcpu {
         let index = self.index;
         let (events_tx, events) = mpsc::channel();
         let (responses, responses_rx) = mpsc::channel();
+        // The thread runs guest code only once the control knows it, so
+        // that a stop requested meanwhile (by another vCPU) reaches it too.
+        let (go_tx, go) = mpsc::channel::<()>();
         let thread_control = control.clone();
         let thread = threads::spawn(ThreadKind::Vcpu(index), move || {
-            self.run_loop(&thread_control, &events, &responses);
+            if go.recv().is_ok() {
+                self.run_loop(&thread_control, &events, &responses);
+            }
         })
         .map_err(|source| VcpuError::Spawn { index, source })?;
         control.attach(VcpuLink {
             events: events_tx,
             thread: std::os::unix::thread::JoinHandleExt::as_pthread_t(&thread),
         });
+        // The thread holds the receiver until it has run: this cannot fail.
+        let _ = go_tx.send(());
         Ok(VcpuHandle::new(index, responses_rx, thread))
     }
 
