@@ -232,6 +232,15 @@ fn row(name: &str, unit: &str, v: &[f64], prec: usize) {
     println!("| {name} | {med:.prec$} | {lo:.prec$} | {hi:.prec$} | {unit} |");
 }
 
+/// The device thread's CPU per GiB: clock ticks, and schedstat if the
+/// kernel has it.
+fn cpu_rows(ticks: &[f64], sched: &[f64]) {
+    row("device thread CPU (utime+stime)", "s/GiB", ticks, 3);
+    if !sched.is_empty() {
+        row("device thread CPU (schedstat)", "s/GiB", sched, 3);
+    }
+}
+
 fn header(title: &str, runs: usize) {
     println!();
     println!("{title} ({runs} runs)");
@@ -304,10 +313,7 @@ fn block(o: &Opts) -> Result<()> {
     row("write (probe TSC, incl. FLUSH)", "MiB/s", &w, 1);
     row("read (probe TSC)", "MiB/s", &r, 1);
     row("write+read (host wall time)", "MiB/s", &wall, 1);
-    row("device thread CPU (utime+stime)", "s/GiB", &cpu, 3);
-    if !sched.is_empty() {
-        row("device thread CPU (schedstat)", "s/GiB", &sched, 3);
-    }
+    cpu_rows(&cpu, &sched);
     Ok(())
 }
 
@@ -476,10 +482,7 @@ fn net(o: &Opts) -> Result<()> {
     row("throughput (probe TSC)", "Mb/s", &tx_mbps, 0);
     row("throughput (host wall time)", "Mb/s", &tx_wall, 0);
     row("frames seen on the TAP", "%", &tx_seen, 1);
-    row("device thread CPU (utime+stime)", "s/GiB", &tx_cpu, 3);
-    if !tx_sched.is_empty() {
-        row("device thread CPU (schedstat)", "s/GiB", &tx_sched, 3);
-    }
+    cpu_rows(&tx_cpu, &tx_sched);
     header(
         &format!(
             "Net, host -> guest -> host: net-echo, {} frames of {SIZE} bytes, window {}",
@@ -489,10 +492,7 @@ fn net(o: &Opts) -> Result<()> {
     );
     row("echoed throughput (each way)", "Mb/s", &e_mbps, 0);
     row("frames lost (resent after 200 ms)", "frames", &e_lost, 0);
-    row("device thread CPU (utime+stime)", "s/GiB", &e_cpu, 3);
-    if !e_sched.is_empty() {
-        row("device thread CPU (schedstat)", "s/GiB", &e_sched, 3);
-    }
+    cpu_rows(&e_cpu, &e_sched);
     header(
         &format!("Net, round trip: {} sequential 64-byte echoes", o.pings),
         o.runs,
