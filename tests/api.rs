@@ -2,23 +2,23 @@
 //! (`list`, `stats`, `top`, `exporter`): the real ksmvm binary on real KVM,
 //! with tiny guests assembled at test time.
 
-mod api_harness;
-// The project's shared helpers, for the probe guest (module path only:
-// its names would clash with api_harness's in a glob import).
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use api_harness::*;
 use ksmvm::api::routes::ROUTES;
 use ksmvm::api::{Action, OnOff, VmState};
-use ksmvm::stats::VmStats;
+use ksmvm::stats::{ApproxF64, VmStats};
+use ksmvm_testkit::api::{
+    crashing_guest, error_message, idle_guest, raw, read_one_response, request, ApiVm, MEM_MIB,
+};
+use ksmvm_testkit::proc::{guest_ram_field, guest_ram_vmflags};
+use ksmvm_testkit::{
+    fast_ksm, field, have_ksm, have_kvm, ksmvm_ok_in, proc_ksm_stat, Launch, RuntimeDir, Vmm,
+};
 
 fn parse_metrics(text: &str) -> prometheus_parse::Scrape {
     prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
@@ -88,7 +88,7 @@ fn info_stats_and_metrics() {
         return;
     }
     let dir = RuntimeDir::new();
-    let vm = Vm::start(&dir, "routes");
+    let vm = ApiVm::start(&dir, "routes");
     let mode = std::fs::metadata(&vm.socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "socket mode");
 
@@ -149,7 +149,7 @@ fn info_stats_and_metrics() {
     }
     assert_eq!(
         value(sample(&scrape, "ksmvm_guest_ram_size_bytes", None).unwrap()),
-        (MEM_MIB << 20) as f64
+        (MEM_MIB << 20).approx_f64()
     );
     // Every sample carries the vm label; no value is reported for what the
     // kernel lacks (then the family is absent, never 0-filled).
@@ -162,7 +162,10 @@ fn info_stats_and_metrics() {
     }
     if let Some(p) = stats.ksm.ksm_merging_pages {
         let got = value(sample(&scrape, "ksmvm_ksm_merging_pages", None).unwrap());
-        assert!((got - p as f64).abs() <= 64.0, "merging pages {got} vs {p}");
+        assert!(
+            (got - p.approx_f64()).abs() <= 64.0,
+            "merging pages {got} vs {p}"
+        );
     }
 }
 
@@ -172,7 +175,7 @@ fn error_responses() {
         return;
     }
     let dir = RuntimeDir::new();
-    let vm = Vm::start(&dir, "errors");
+    let vm = ApiVm::start(&dir, "errors");
     let s = &vm.socket;
 
     let r = raw(s, &request("GET", "/nope", b""));
@@ -249,7 +252,7 @@ fn pause_resume_shutdown_and_socket_removal() {
         return;
     }
     let dir = RuntimeDir::new();
-    let mut vm = Vm::start(&dir, "life");
+    let mut vm = ApiVm::start(&dir, "life");
     let c = vm.client();
     c.action(Action::Pause).unwrap();
     assert_eq!(vm.info().state, VmState::Paused);
@@ -282,13 +285,13 @@ fn sigterm_and_guest_failure_remove_the_socket() {
         return;
     }
     let dir = RuntimeDir::new();
-    let mut vm = Vm::start(&dir, "term");
+    let mut vm = ApiVm::start(&dir, "term");
     vm.proc.signal(libc::SIGTERM);
     assert!(vm.proc.wait_exit(Duration::from_secs(10)).success());
     assert!(!vm.socket.exists());
 
     // An error exit (triple fault) cleans up too.
-    let mut vm = Vm::start_with(&dir, "crash", crashing_guest(), &[]);
+    let mut vm = ApiVm::start_with(&dir, "crash", crashing_guest(), &[]);
     assert!(vm.socket.exists());
     let st = vm.proc.wait_exit(Duration::from_secs(120));
     assert!(!st.success(), "a triple fault is a failure");
@@ -306,8 +309,8 @@ fn live_socket_is_refused_and_stale_socket_replaced() {
         return;
     }
     let dir = RuntimeDir::new();
-    let vm = Vm::start(&dir, "dup");
-    let mut second = Vm::spawn(&dir, "dup", idle_guest(), &[]);
+    let vm = ApiVm::start(&dir, "dup");
+    let mut second = ApiVm::spawn(&dir, "dup", idle_guest(), &[]);
     let st = second.proc.wait_exit(Duration::from_secs(20));
     assert!(!st.success());
     let expected = format!("VM dup already running (socket {})", vm.socket.display());
@@ -322,12 +325,12 @@ fn live_socket_is_refused_and_stale_socket_replaced() {
     let stale = dir.socket("stale");
     drop(UnixListener::bind(&stale).unwrap());
     assert!(stale.exists());
-    let vm2 = Vm::start(&dir, "stale");
+    let vm2 = ApiVm::start(&dir, "stale");
     assert_eq!(vm2.info().pid, vm2.pid());
 
     // --api-sock puts the socket elsewhere.
-    let custom = dir.0.join("elsewhere/custom.sock");
-    let vm3 = Vm::start_with(
+    let custom = dir.path().join("elsewhere/custom.sock");
+    let vm3 = ApiVm::start_with(
         &dir,
         "custom",
         idle_guest(),
@@ -344,7 +347,7 @@ fn concurrent_clients_and_a_stalled_client() {
         return;
     }
     let dir = RuntimeDir::new();
-    let vm = Vm::start(&dir, "busy");
+    let vm = ApiVm::start(&dir, "busy");
     // One client connects and never sends; another stops mid-headers.
     let _silent = UnixStream::connect(&vm.socket).unwrap();
     let mut partial = UnixStream::connect(&vm.socket).unwrap();
@@ -397,7 +400,7 @@ fn ksm_unmerge_and_merge_flip_the_mg_flag() {
         return;
     }
     let dir = RuntimeDir::new();
-    let vm = Vm::start(&dir, "madvise");
+    let vm = ApiVm::start(&dir, "madvise");
     let c = vm.client();
     let has_mg = || {
         guest_ram_vmflags(vm.pid(), MEM_MIB)
@@ -416,7 +419,7 @@ fn ksm_unmerge_and_merge_flip_the_mg_flag() {
     assert!(has_mg(), "ksm_merge sets mg again");
     assert_eq!(vm.info().ksm, OnOff::On);
 
-    let off = Vm::start_with(&dir, "nomerge", idle_guest(), &["--ksm", "off"]);
+    let off = ApiVm::start_with(&dir, "nomerge", idle_guest(), &["--ksm", "off"]);
     assert!(!guest_ram_vmflags(off.pid(), MEM_MIB)
         .iter()
         .any(|f| f == "mg"));
@@ -433,8 +436,8 @@ fn cli_views_agree_with_the_api() {
         return;
     }
     let dir = RuntimeDir::new();
-    let a = Vm::start(&dir, "alpha");
-    let b = Vm::start(&dir, "beta");
+    let a = ApiVm::start(&dir, "alpha");
+    let b = ApiVm::start(&dir, "beta");
     b.client().action(Action::Pause).unwrap();
     drop(UnixListener::bind(dir.socket("gone")).unwrap()); // stale socket
 
@@ -517,35 +520,20 @@ fn cli_views_agree_with_the_api() {
 }
 
 struct Exporter {
-    guard: Guard,
+    guard: Vmm,
     addr: String,
 }
 
 fn start_exporter(dir: &RuntimeDir) -> Exporter {
-    let log = dir.0.join("exporter.log");
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let mut child = Command::new(KSMVM)
-        .args(["exporter", "--listen", "127.0.0.1:0"])
-        .env("KSMVM_RUNTIME_DIR", &dir.0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let guard = Guard { child, log };
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while !line.ends_with(b"\n") {
-        assert_eq!(
-            stdout.read(&mut byte).unwrap(),
-            1,
-            "exporter exited: {}",
-            guard.log_text()
-        );
-        line.push(byte[0]);
-    }
-    let line = String::from_utf8(line).unwrap();
+    let mut guard = Launch::new(["exporter", "--listen", "127.0.0.1:0"])
+        .runtime_dir(dir.path())
+        .stdin_closed()
+        .start();
+    // Its first line on stdout (the kit's serial reader).
+    let line = match guard.try_expect("", Duration::from_secs(20)) {
+        Ok(l) => l.text,
+        Err(e) => panic!("exporter exited ({e}): {}", guard.log_text()),
+    };
     let addr = line
         .trim()
         .strip_prefix("ksmvm exporter listening on http://")
@@ -573,8 +561,8 @@ fn exporter_serves_every_vm_and_the_host() {
         return;
     }
     let dir = RuntimeDir::new();
-    let _a = Vm::start(&dir, "exp-a");
-    let _b = Vm::start(&dir, "exp-b");
+    let _a = ApiVm::start(&dir, "exp-a");
+    let _b = ApiVm::start(&dir, "exp-b");
     let mut exp = start_exporter(&dir);
 
     let r = http_get(&exp.addr, "GET", "/metrics");
@@ -628,11 +616,11 @@ fn exporter_serves_every_vm_and_the_host() {
 /// the guests' data stays intact throughout.
 #[test]
 fn ksm_actions_on_converged_twins() {
-    if !support::have_kvm() || !support::have_ksm() {
+    if !have_kvm() || !have_ksm() {
         return;
     }
     let _lock = ksmvm::ksm::HostLock::acquire().expect("KSM host lock");
-    let (ksm, guard) = support::fast_ksm();
+    let (ksm, guard) = fast_ksm();
 
     const SHARED_MIB: u64 = 32;
     let shared_pages = SHARED_MIB * 256;
@@ -640,11 +628,11 @@ fn ksm_actions_on_converged_twins() {
     // Two twins with the same shared content, and an odd one whose shared
     // region is its own (another profile).
     let names = ["twin1", "twin2", "odd"];
-    let mut vms: Vec<support::Vmm> = [(9, 1), (9, 2), (10, 3)]
+    let mut vms: Vec<Vmm> = [(9, 1), (9, 2), (10, 3)]
         .into_iter()
         .zip(names)
         .map(|((profile, seed), name)| {
-            support::Vmm::probe(
+            Vmm::probe(
                 &format!(
                     "probe.shared={SHARED_MIB} probe.unique=4 probe.profile={profile} probe.seed={seed}"
                 ),
@@ -658,7 +646,7 @@ fn ksm_actions_on_converged_twins() {
     let clients: Vec<ksmvm::api::ApiClient> = vms
         .iter()
         .zip(names)
-        .map(|(vm, name)| ksmvm::api::ApiClient::new(vm.runtime.path(&format!("{name}.sock"))))
+        .map(|(vm, name)| vm.api(name))
         .collect();
     let merging = |c: &ksmvm::api::ApiClient| c.stats().unwrap().ksm.ksm_merging_pages.unwrap_or(0);
     let wait_merged = |which: &[usize], what: &str| {
@@ -695,11 +683,11 @@ fn ksm_actions_on_converged_twins() {
             .collect();
         let proc_: Vec<i64> = vms
             .iter()
-            .map(|v| support::proc_ksm_stat(v.pid(), "ksm_process_profit"))
+            .map(|v| proc_ksm_stat(v.pid(), "ksm_process_profit"))
             .collect();
         let c = ksm.counters().unwrap();
         let general = c.general_profit.unwrap();
-        let shared = c.pages_shared.unwrap() as i64;
+        let shared = i64::try_from(c.pages_shared.unwrap()).expect("pages_shared fits in i64");
         let sum: i64 = proc_.iter().sum();
         last = format!("api {api:?} proc {proc_:?} general {general} pages_shared {shared}");
         let ok = api == proc_ && (sum - general - shared * page).abs() <= 64 * page;
@@ -719,8 +707,8 @@ fn ksm_actions_on_converged_twins() {
     // /metrics and `ksmvm list` report the same convergence.
     let scrape = parse_metrics(&clients[0].metrics().unwrap());
     let m = value(sample(&scrape, "ksmvm_ksm_merging_pages", Some("twin1")).unwrap());
-    assert!(m >= (shared_pages * 9 / 10) as f64, "metrics: {m}");
-    let list = ksmvm_ok_in(&vms[0].runtime.0, &["list", "--json"]);
+    assert!(m >= (shared_pages * 9 / 10).approx_f64(), "metrics: {m}");
+    let list = ksmvm_ok_in(vms[0].runtime_dir(), &["list", "--json"]);
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
     let merged_bytes = list[0]["merged_bytes"].as_u64().unwrap();
     assert!(merged_bytes >= shared_pages * 4096 * 9 / 10, "{list}");
@@ -763,12 +751,7 @@ fn ksm_actions_on_converged_twins() {
     for (i, vm) in vms.iter_mut().enumerate() {
         vm.send("verify");
         let v = vm.expect_line("PROBE VERIFY", boot);
-        assert_eq!(
-            support::field(&v, "result"),
-            Some("ok"),
-            "{}: {v}",
-            names[i]
-        );
+        assert_eq!(field(&v, "result"), Some("ok"), "{}: {v}", names[i]);
     }
     for mut vm in vms {
         vm.send("poweroff");

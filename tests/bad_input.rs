@@ -1,10 +1,8 @@
 //! Bad input gets one clear error line naming the cause and exit status 2,
 //! never a panic or a hang.
 
-mod support;
-
+use ksmvm_testkit::*;
 use std::time::Duration;
-use support::*;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -34,21 +32,24 @@ fn missing_unreadable_or_wrong_kernel() {
         "cannot open kernel /nonexistent/vmlinux",
     );
     let dir = TempDir::new("badkernel");
-    refused(&["--kernel", dir.0.to_str().unwrap()], "cannot open kernel");
-    let junk = dir.path("junk");
+    refused(
+        &["--kernel", dir.path().to_str().unwrap()],
+        "cannot open kernel",
+    );
+    let junk = dir.join("junk");
     std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
     refused(
         &["--kernel", junk.to_str().unwrap()],
         "neither an ELF vmlinux nor a bzImage",
     );
-    let empty = dir.path("empty");
+    let empty = dir.join("empty");
     std::fs::write(&empty, b"").unwrap();
     refused(
         &["--kernel", empty.to_str().unwrap()],
         "neither an ELF vmlinux nor a bzImage",
     );
     // An ELF header with nothing behind it.
-    let truncated = dir.path("truncated");
+    let truncated = dir.join("truncated");
     std::fs::write(&truncated, b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0").unwrap();
     refused(
         &["--kernel", truncated.to_str().unwrap()],
@@ -63,7 +64,7 @@ fn initrd_that_does_not_fit_or_is_missing() {
     }
     let probe = probe();
     let dir = TempDir::new("initrd");
-    let big = dir.path("big.img");
+    let big = dir.join("big.img");
     // A sparse 40 MiB file for a 32 MiB guest.
     std::fs::File::create(&big)
         .unwrap()
@@ -148,11 +149,13 @@ fn kvm_missing_or_not_permitted() {
         return;
     }
     let probe = probe();
+    let ksmvm = ksmvm();
     // A private mount namespace with an empty /dev: /dev/kvm is missing.
     let out = std::process::Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
         .arg(format!(
-            "mount -t tmpfs none /dev && exec {KSMVM} run --kernel {}",
+            "mount -t tmpfs none /dev && exec {} run --kernel {}",
+            ksmvm.display(),
             probe.display()
         ))
         .output()
@@ -166,14 +169,9 @@ fn kvm_missing_or_not_permitted() {
 
     // An unprivileged user may not open it.
     let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            KSMVM,
-            "run",
-            "--kernel",
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(ksmvm)
+        .args(["run", "--kernel"])
         .arg(&probe)
         .output()
         .expect("run setpriv");

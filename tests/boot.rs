@@ -1,10 +1,8 @@
 //! The probe guest boots through the Linux x86-64 boot protocol under real
 //! KVM and reports what it received; guest failures become clear errors.
 
-mod support;
-
+use ksmvm_testkit::*;
 use std::time::Duration;
-use support::*;
 
 const BOOT: Duration = Duration::from_secs(60);
 
@@ -74,7 +72,7 @@ fn virtio_devices_are_announced_on_the_command_line() {
         return;
     }
     let dir = TempDir::new("cmdline-devices");
-    let disk = dir.path("disk.img");
+    let disk = dir.join("disk.img");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(1 << 20)

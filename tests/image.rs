@@ -1,14 +1,12 @@
 //! `probe.image=initrd`: the probe replays a `KSMVMRAM` memory image that
 //! ksmvm loads verbatim as the initrd (`ksmvm run --initrd PACK`).
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use ksmvm::ksm::HostLock;
+use ksmvm_testkit::*;
 use probe_pattern::pack::SyntheticPack;
 use probe_pattern::{expected_checksum, DOMAIN_SHARED, DOMAIN_UNIQUE};
-use support::*;
 
 const BOOT: Duration = Duration::from_secs(60);
 
@@ -21,7 +19,7 @@ fn dec(line: &str, key: &str) -> u64 {
 
 /// Boots the probe with `pack` as its initrd.
 fn boot_with_pack(dir: &TempDir, pack: &SyntheticPack, cmdline: &str, mem_mib: u64) -> Vmm {
-    let path = dir.path("image.ksmvmram");
+    let path = dir.join("image.ksmvmram");
     write_pack(&path, pack);
     Vmm::probe(
         cmdline,
@@ -106,7 +104,7 @@ fn without_an_image_verify_has_no_image_field() {
     // An initrd that is not a pack is ignored without probe.image, and kept
     // out of the workload pool.
     let dir = TempDir::new("image-none");
-    let path = dir.path("initrd");
+    let path = dir.join("initrd");
     std::fs::write(&path, vec![0x5au8; 3 << 20]).unwrap();
     let mut vm = Vmm::probe(
         "probe.shared=1 probe.seed=3",
@@ -153,7 +151,7 @@ fn zero_pages_are_capped_to_the_free_pool() {
 /// none) and returns its `PROBE ERROR` line; the VMM exits.
 fn image_error(initrd: Option<&[u8]>) -> String {
     let dir = TempDir::new("image-bad");
-    let path = dir.path("bad.ksmvmram");
+    let path = dir.join("bad.ksmvmram");
     let mut extra = vec!["--mem-mib".to_string(), "64".into()];
     if let Some(bytes) = initrd {
         std::fs::write(&path, bytes).unwrap();
@@ -252,7 +250,7 @@ fn guests_loading_the_same_pack_merge_its_shared_pages_only() {
         key: 77,
     };
     let dir = TempDir::new("image-ksm");
-    let path = dir.path("image.ksmvmram");
+    let path = dir.join("image.ksmvmram");
     write_pack(&path, &pack);
     let mut vms: Vec<Vmm> = (1..=2u64)
         .map(|seed| {
@@ -276,7 +274,7 @@ fn guests_loading_the_same_pack_merge_its_shared_pages_only() {
     let merged = loop {
         let m: Vec<u64> = vms
             .iter()
-            .map(|v| proc_ksm_stat(v.pid(), "ksm_merging_pages") as u64)
+            .map(|v| proc_ksm_count(v.pid(), "ksm_merging_pages"))
             .collect();
         if m.iter().all(|&p| p >= pack.shared * 9 / 10) {
             break m;
@@ -293,7 +291,7 @@ fn guests_loading_the_same_pack_merge_its_shared_pages_only() {
     // own identical pages (its image, page tables: well under 1024).
     std::thread::sleep(Duration::from_secs(2));
     for vm in &vms {
-        let m = proc_ksm_stat(vm.pid(), "ksm_merging_pages") as u64;
+        let m = proc_ksm_count(vm.pid(), "ksm_merging_pages");
         assert!(
             m < pack.shared + 1024,
             "{m} pages merged: the image's own pages must not merge (shared {}, own {})",

@@ -1,12 +1,10 @@
 //! KSM merges identical guest memory across VMs, and copy-on-write keeps
 //! every guest's own data intact after merging.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use ksmvm::ksm::HostLock;
-use support::*;
+use ksmvm_testkit::*;
 
 const BOOT: Duration = Duration::from_secs(60);
 
@@ -36,11 +34,11 @@ fn twin_probes_merge_and_keep_their_own_data() {
 
     let deadline = Instant::now() + Duration::from_secs(90);
     let merged = loop {
-        let m: Vec<i64> = vms
+        let m: Vec<u64> = vms
             .iter()
-            .map(|v| proc_ksm_stat(v.pid(), "ksm_merging_pages"))
+            .map(|v| proc_ksm_count(v.pid(), "ksm_merging_pages"))
             .collect();
-        if m.iter().all(|&p| p as u64 >= shared_pages * 9 / 10) {
+        if m.iter().all(|&p| p >= shared_pages * 9 / 10) {
             break m;
         }
         assert!(

@@ -3,11 +3,9 @@
 //! 64-bit boot protocol must see exactly the command line and e820 map we
 //! built. On hosts with hardware virtualisation it boots on to user space.
 
-mod support;
-
+use ksmvm_testkit::*;
 use std::process::Command;
 use std::time::Duration;
-use support::*;
 
 /// Runs one of the guest-image/linux scripts and returns the path it prints last.
 fn script_output(script: &str) -> Option<String> {
@@ -119,7 +117,11 @@ fn debian_bzimage_loads_through_the_bzimage_path() {
     }
     let bzimage = std::path::Path::new(&vmlinux.unwrap()).with_file_name("vmlinuz");
     let mem_bytes = 512u64 << 20;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_bytes as usize)]).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(
+        GuestAddress(0),
+        usize::try_from(mem_bytes).expect("512 MiB fits in usize"),
+    )])
+    .unwrap();
     let k = load_kernel(&mem, &bzimage, mem_bytes).expect("load the bzImage");
     let hdr = k.setup_header.expect("a bzImage has a setup header");
     assert_eq!({ hdr.header }, 0x5372_6448);

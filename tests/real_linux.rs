@@ -12,16 +12,18 @@
 mod linux_guest;
 #[path = "real_linux/mastodon.rs"]
 mod mastodon;
-mod support;
 
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use ksmvm::config::DEFAULT_CMDLINE;
+use ksmvm::stats::ApproxF64;
+use ksmvm_testkit::*;
 use linux_guest::*;
-use support::*;
 
 const MIB: u64 = 1 << 20;
+/// [`MIB`] as a buffer length.
+const MIB_LEN: usize = 1 << 20;
 
 /// Boots `kernel` with `vcpus` and `mem_mib`; checks the CPUs, memory and
 /// command line the guest reports, then powers it off through ACPI.
@@ -125,13 +127,13 @@ fn block_and_rng_with_linux_drivers() {
         return;
     }
     let dir = TempDir::new("rl-blk");
-    let rw = dir.path("rw.img");
-    let ro = dir.path("ro.img");
+    let rw = dir.join("rw.img");
+    let ro = dir.join("ro.img");
     std::fs::File::create(&rw)
         .unwrap()
         .set_len(64 * MIB)
         .unwrap();
-    std::fs::write(&ro, vec![0x5au8; MIB as usize]).unwrap();
+    std::fs::write(&ro, vec![0x5au8; MIB_LEN]).unwrap();
     let mut g = LinuxGuest::boot(
         "blk",
         &Kernel::Ksmvm,
@@ -147,8 +149,8 @@ fn block_and_rng_with_linux_drivers() {
     let sum: String =
         g.value("dd if=/dev/vda bs=1M count=4 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1");
     let written: String = g.value("md5sum /tmp/p | cut -d' ' -f1");
-    let want = "ksmvm-block-pattern\n".repeat(4 * MIB as usize / 20 + 1);
-    let want = &want.as_bytes()[..4 * MIB as usize];
+    let want = "ksmvm-block-pattern\n".repeat(4 * MIB_LEN / 20 + 1);
+    let want = &want.as_bytes()[..4 * MIB_LEN];
     let on_disk = std::fs::read(&rw).unwrap();
     assert!(
         on_disk[..want.len()] == *want,
@@ -162,7 +164,7 @@ fn block_and_rng_with_linux_drivers() {
     // Read-only: the write fails in the guest, the image is untouched.
     let (rc, out) = g.sh("dd if=/tmp/p of=/dev/vdb bs=4096 count=1 oflag=direct conv=fsync 2>&1");
     assert_ne!(rc, 0, "a read-only disk accepted a write: {out:?}");
-    assert_eq!(std::fs::read(&ro).unwrap(), vec![0x5au8; MIB as usize]);
+    assert_eq!(std::fs::read(&ro).unwrap(), vec![0x5au8; MIB_LEN]);
     assert_eq!(g.value::<String>("cat /sys/block/vdb/ro"), "1");
 
     // Discard punches holes in the host file.
@@ -194,8 +196,8 @@ fn twelve_disks_reach_the_irqs_beyond_the_isa_range() {
     let dir = TempDir::new("rl-many");
     let mut extra = Vec::new();
     for i in 1..=12u8 {
-        let img = dir.path(&format!("d{i}.img"));
-        std::fs::write(&img, vec![i; MIB as usize]).unwrap();
+        let img = dir.join(&format!("d{i}.img"));
+        std::fs::write(&img, vec![i; MIB_LEN]).unwrap();
         extra.push("--disk".to_owned());
         extra.push(format!("path={},ro=on", img.display()));
     }
@@ -250,10 +252,8 @@ fn net_ping_and_tcp_over_a_tap() {
     let server = std::thread::spawn(move || {
         use std::os::fd::AsRawFd;
         // SAFETY: setns on this thread only, with a netns fd we opened.
-        assert_eq!(
-            unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+        let rc = unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0);
         let l = std::net::TcpListener::bind("[::]:5001").unwrap();
         tx.send(()).unwrap();
         let (mut s, _) = l.accept().unwrap();
@@ -274,7 +274,7 @@ fn net_ping_and_tcp_over_a_tap() {
     assert_eq!(bytes, 64 * MIB, "bytes received from the guest");
     eprintln!(
         "net: guest -> test host TCP {:.1} MiB/s ({} MiB in {:.2} s, under TCG emulation)",
-        bytes as f64 / MIB as f64 / took.as_secs_f64(),
+        bytes.approx_f64() / MIB.approx_f64() / took.as_secs_f64(),
         bytes / MIB,
         took.as_secs_f64()
     );
@@ -387,7 +387,7 @@ fn graceful_stop_through_ctrl_alt_del() {
         return;
     }
     let dir = TempDir::new("rl-stop");
-    let img = dir.path("data.img");
+    let img = dir.join("data.img");
     std::fs::File::create(&img)
         .unwrap()
         .set_len(16 * MIB)
@@ -461,7 +461,7 @@ fn ksm_merges_three_real_guests() {
     // Pseudo-random, so that no two pages of one guest are alike: what
     // merges is what the guests share.
     let dir = TempDir::new("rl-ksm");
-    let img = dir.path("shared.img");
+    let img = dir.join("shared.img");
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let bytes: Vec<u8> = (0..DATA / 8)
         .flat_map(|_| {
@@ -537,7 +537,7 @@ fn ksm_merges_three_real_guests() {
 
 /// `ksmvm ksm status` reports what the test host's sysfs says.
 fn assert_ksm_status_matches_sysfs() {
-    let out = std::process::Command::new(KSMVM)
+    let out = std::process::Command::new(ksmvm())
         .args(["ksm", "status", "--json", "--window-ms", "0"])
         .output()
         .unwrap();

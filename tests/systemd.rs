@@ -6,18 +6,16 @@
 //!
 //! One test drives all scenarios in turn, so that the container boots once.
 
-mod support;
-
 #[path = "systemd/cgroup.rs"]
 mod cgroup;
 #[path = "systemd/container.rs"]
 mod container;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use container::{Container, Item, Out};
-use support::*;
+use ksmvm_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
 /// The probe's shutdown_timeout_s: it ignores Ctrl-Alt-Del, so every stop
@@ -38,14 +36,6 @@ fn probe_config() -> String {
          ready = \"guest\"\n\
          ready_marker = \"PROBE READY\"\n"
     )
-}
-
-/// The probe guest: $KSMVM_PROBE, else built from guest-image/probe.
-fn probe_path() -> PathBuf {
-    match std::env::var_os("KSMVM_PROBE") {
-        Some(p) => PathBuf::from(p),
-        None => probe(),
-    }
 }
 
 fn have_tools() -> bool {
@@ -318,8 +308,8 @@ fn ksmvm_units_under_a_real_systemd() {
             return;
         }
     };
-    let probe = probe_path();
-    let ksmvm = Path::new(KSMVM);
+    let probe = probe();
+    let ksmvm = ksmvm();
     let config = probe_config();
     let (unit, ksm_unit) = (unit_file("ksmvm@.service"), unit_file("ksmvm-ksm.service"));
     // Fault injection for the watchdog instance only, with a short
@@ -424,18 +414,19 @@ fn ksmvm_units_under_a_real_systemd() {
 #[test]
 fn config_check_names_file_line_and_key() {
     let dir = TempDir::new("config-check");
-    let good = dir.path("good.toml");
+    let ksmvm = ksmvm().display();
+    let good = dir.join("good.toml");
     std::fs::write(
         &good,
-        format!("kernel = \"{KSMVM}\"\nmem_mib = 64\nready = \"guest\"\nready_marker = \"UP\"\n"),
+        format!("kernel = \"{ksmvm}\"\nmem_mib = 64\nready = \"guest\"\nready_marker = \"UP\"\n"),
     )
     .unwrap();
     let (code, out, err) = run_to_end(&["config", "check", good.to_str().unwrap()], T);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("ok (VM good, 64 MiB, 1 vCPU(s))"), "{out}");
 
-    let bad = dir.path("bad.toml");
-    std::fs::write(&bad, format!("kernel = \"{KSMVM}\"\n\nmem_mib = \"64\"\n")).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, format!("kernel = \"{ksmvm}\"\n\nmem_mib = \"64\"\n")).unwrap();
     let want = format!(
         "{}:3:11: mem_mib: invalid type: string \"64\"",
         bad.display()

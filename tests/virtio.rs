@@ -1,10 +1,8 @@
 //! The virtio devices end to end: the probe guest's polling drivers against
 //! ksmvm's virtio-mmio block, net, balloon and rng devices under real KVM.
 
-mod support;
-
+use ksmvm_testkit::*;
 use std::time::{Duration, Instant};
-use support::*;
 
 const T: Duration = Duration::from_secs(60);
 const SECTOR: usize = 512;
@@ -22,8 +20,8 @@ fn block_write_flush_read_back_and_read_only_refusal() {
         return;
     }
     let dir = TempDir::new("blk");
-    let rw = dir.path("rw.img");
-    let ro = dir.path("ro.img");
+    let rw = dir.join("rw.img");
+    let ro = dir.join("ro.img");
     std::fs::File::create(&rw)
         .unwrap()
         .set_len(4 << 20)
@@ -79,7 +77,7 @@ fn a_writable_disk_cannot_be_opened_by_two_vms() {
         return;
     }
     let dir = TempDir::new("blklock");
-    let img = dir.path("shared.img");
+    let img = dir.join("shared.img");
     std::fs::File::create(&img)
         .unwrap()
         .set_len(1 << 20)

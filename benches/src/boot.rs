@@ -5,12 +5,13 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use ksmvm::instance::socket_path_in;
 use ksmvm::stats::ApproxF64;
+use ksmvm_testkit::{Launch, RuntimeDir};
 use serde::Serialize;
 
 use crate::cancel;
@@ -21,7 +22,7 @@ use crate::machine::Machine;
 use crate::output::ResultsDir;
 use crate::plot::{self, Chart, Series, Style};
 use crate::profile::Profile;
-use crate::runtime::RuntimeDir;
+use crate::shell::command_line;
 use crate::summary::Summary;
 use crate::table::Table;
 use crate::vmstats::VmStatsSource;
@@ -93,7 +94,8 @@ pub struct BootTarget {
     pub label: String,
     /// Shown in results: the command line, as a user would type it.
     pub shown: String,
-    pub make: Box<dyn Fn(u64) -> (Command, String)>,
+    /// Boot `i`: what to start (the kit's launcher) and the VM's name.
+    pub make: Box<dyn Fn(u64) -> (Launch, String)>,
     /// Where the API socket of boot `i` appears, if the VMM has one.
     pub api_socket: Option<SocketPath>,
     pub mem_mib: u64,
@@ -104,6 +106,20 @@ pub struct BootTarget {
     pub poweroff: bool,
     /// The serial line (substring) that means the guest is ready.
     pub ready_pattern: String,
+}
+
+impl std::fmt::Debug for BootTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootTarget")
+            .field("label", &self.label)
+            .field("shown", &self.shown)
+            .field("api_socket", &self.api_socket.is_some())
+            .field("mem_mib", &self.mem_mib)
+            .field("is_ksmvm", &self.is_ksmvm)
+            .field("poweroff", &self.poweroff)
+            .field("ready_pattern", &self.ready_pattern)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Boots `target` `runs` times, one after another.
@@ -121,13 +137,13 @@ pub fn measure(target: &BootTarget, runs: u64, timeout: Duration) -> Result<Vec<
 }
 
 fn boot_once(target: &BootTarget, i: u64, timeout: Duration) -> Result<BootRun> {
-    let (mut cmd, name) = (target.make)(i);
+    let (launch, name) = (target.make)(i);
     let socket = target.api_socket.as_ref().map(|f| f(&name));
     if let Some(s) = &socket {
         let _ = std::fs::remove_file(s);
     }
-    let mut g = Guest::spawn_command(&mut cmd, name, target.mem_mib)?;
-    let t0 = g.spawned_at;
+    let mut g = Guest::spawn_launch(launch, name, target.mem_mib)?;
+    let t0 = g.spawned_at();
     let api = match &socket {
         Some(path) => wait_socket(path, t0, timeout)?,
         None => None,
@@ -185,24 +201,6 @@ fn wait_socket(path: &Path, t0: Instant, timeout: Duration) -> Result<Option<Ins
     }
 }
 
-/// `cmd` as one would type it in sh.
-pub fn command_line(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| {
-            let a = a.to_string_lossy();
-            if a.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c))
-            {
-                a.into_owned()
-            } else {
-                crate::compare::sh_quote(&a)
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// The ksmvm target for `profile`.
 pub fn ksmvm_target(vmm: &VmmArgs, runtime: &RuntimeDir, profile: &Profile) -> Result<BootTarget> {
     let launcher = vmm.launcher(runtime)?;
@@ -217,10 +215,10 @@ pub fn ksmvm_target(vmm: &VmmArgs, runtime: &RuntimeDir, profile: &Profile) -> R
         shown,
         make: Box::new(move |i| {
             let spec = GuestSpec::probe(format!("boot-{i}"), &prof, i, true);
-            (make_launcher.command(&spec), spec.name)
+            (make_launcher.launch(&spec), spec.name)
         }),
         api_socket: api
-            .then(|| Box::new(move |name: &str| dir.join(format!("{name}.sock"))) as SocketPath),
+            .then(|| Box::new(move |name: &str| socket_path_in(&dir, name)) as SocketPath),
         mem_mib: profile.mem_mib,
         is_ksmvm: true,
         poweroff: true,
@@ -238,7 +236,7 @@ pub fn run(args: BootArgs) -> Result<()> {
         &args.vmm.probe,
     )?;
     let profile = args.vmm.profiles()?.get(&args.profile)?.clone();
-    let runtime = RuntimeDir::create("boot")?;
+    let runtime = RuntimeDir::create("bench-boot")?;
     let target = ksmvm_target(&args.vmm, &runtime, &profile)?;
     let mut results = ResultsDir::create(&args.out.results, "boot")?;
     println!("machine: {}", Machine::describe().one_line());

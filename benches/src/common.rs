@@ -6,11 +6,11 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use ksmvm_testkit::RuntimeDir;
 
 use crate::caps::VmmCaps;
 use crate::guest::Launcher;
 use crate::profile::Profiles;
-use crate::runtime::RuntimeDir;
 
 #[derive(Args, Debug, Clone)]
 pub struct VmmArgs {
@@ -40,8 +40,9 @@ impl VmmArgs {
             ksmvm: self.ksmvm.clone(),
             probe: self.probe.clone(),
             extra_args: Vec::new(),
-            env: vec![runtime.env()],
+            env: Vec::new(),
             caps,
+            runtime_dir: runtime.path().to_path_buf(),
             api_dir: caps.api_sock.then(|| runtime.path().to_path_buf()),
         })
     }

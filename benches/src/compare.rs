@@ -11,18 +11,18 @@
 //! other VMM is stopped with SIGTERM (SIGKILL after 3 s); its guest RAM is taken to be every
 //! anonymous or shared-memory mapping of at least half the guest's memory.
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use ksmvm_testkit::{Launch, RuntimeDir};
 use serde::Serialize;
 
 use crate::boot::{self, BootSummary, BootTarget};
 use crate::common::{OutArgs, VmmArgs};
 use crate::host::{preflight, Needs};
 use crate::output::ResultsDir;
-use crate::runtime::RuntimeDir;
+use crate::shell::sh_quote;
 use crate::summary::Summary;
 use crate::table::Table;
 
@@ -67,11 +67,6 @@ pub fn expand(template: &str, vars: &[(&str, &str)]) -> String {
     s
 }
 
-/// Single-quotes `s` for sh.
-pub fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
 pub fn run(args: CompareArgs) -> Result<()> {
     preflight(
         Needs {
@@ -92,7 +87,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             profile.name
         );
     }
-    let runtime = RuntimeDir::create("compare")?;
+    let runtime = RuntimeDir::create("bench-compare")?;
     let mine = boot::ksmvm_target(&args.vmm, &runtime, &profile)?;
     let template = args.with.clone();
     let probe = args.vmm.probe.display().to_string();
@@ -117,8 +112,10 @@ pub fn run(args: CompareArgs) -> Result<()> {
                     ("initrd", &initrd),
                 ],
             );
-            let mut c = Command::new("sh");
-            c.arg("-c").arg(format!("exec {line}"));
+            let c = Launch::program("sh")
+                .arg("-c")
+                .arg(format!("exec {line}"))
+                .inherit_runtime_dir();
             (c, name)
         }),
         api_socket: None,
@@ -219,11 +216,5 @@ mod tests {
             &[("kernel", "'/p'"), ("mem_mib", "64")],
         );
         assert_eq!(s, "vmm --k '/p' --m 64 {other}");
-    }
-
-    #[test]
-    fn quotes_for_sh() {
-        assert_eq!(sh_quote("a b"), "'a b'");
-        assert_eq!(sh_quote("it's"), r"'it'\''s'");
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ksmvm::stats::ApproxF64;
+use ksmvm_testkit::RuntimeDir;
 
 use crate::common::{bar, spinner, VmmArgs};
 use crate::fleet::Fleet;
@@ -13,7 +14,7 @@ use crate::guest::GuestSpec;
 use crate::host::{mib, preflight, MemInfo, Needs, MIB, PAGE_SIZE};
 use crate::ksm_session::{fast_tuning, KsmSession, FAST_PAGES_TO_SCAN, FAST_SLEEP_MILLISECS};
 use crate::monitor::Monitor;
-use crate::runtime::RuntimeDir;
+
 use crate::table::{f1, opt1, Table};
 
 #[derive(Args, Debug)]
@@ -72,7 +73,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     // Dropped in reverse order: guests stop first, then KSM is restored,
     // then the lock is released.
     let mut session = KsmSession::begin(vmm.assume_host_lock)?;
-    let runtime = RuntimeDir::create("demo")?;
+    let runtime = RuntimeDir::create("bench-demo")?;
     let launcher = vmm.launcher(&runtime)?;
     let mut monitor = Monitor::new(session.ksm().clone())?;
     let mut fleet = Fleet::new();

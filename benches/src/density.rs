@@ -11,6 +11,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use indicatif::ProgressBar;
 use ksmvm::stats::ApproxF64;
+use ksmvm_testkit::RuntimeDir;
 use serde::Serialize;
 
 use crate::cancel;
@@ -24,7 +25,7 @@ use crate::monitor::{HostSample, MemoryFloor, Monitor, VmSample};
 use crate::output::ResultsDir;
 use crate::plot::{self, Chart, Series, Style};
 use crate::profile::{mib_text, Profile};
-use crate::runtime::RuntimeDir;
+
 use crate::table::{f1, opt1, Table};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -213,7 +214,7 @@ pub fn run(args: DensityArgs) -> Result<()> {
 
     println!("machine: {}", Machine::describe().one_line());
     let mut session = KsmSession::begin(args.vmm.assume_host_lock)?;
-    let runtime = RuntimeDir::create("density")?;
+    let runtime = RuntimeDir::create("bench-density")?;
     let launcher = args.vmm.launcher(&runtime)?;
     let mut runs = Vec::new();
     for &ksm_on in modes {

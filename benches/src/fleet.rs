@@ -12,7 +12,7 @@ use crate::guest::{Guest, GuestSpec, Launcher};
 /// How long guests get to power off before they are killed.
 const GRACE: Duration = Duration::from_secs(3);
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Fleet {
     guests: Vec<Guest>,
 }

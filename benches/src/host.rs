@@ -78,6 +78,7 @@ pub fn is_root() -> bool {
 }
 
 /// What a run needs; checked up front so that a missing one is one clear line.
+#[derive(Debug)]
 pub struct Needs {
     pub kvm: bool,
     pub ksm_control: bool,

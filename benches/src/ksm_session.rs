@@ -31,6 +31,7 @@ pub fn fast_tuning() -> KsmTuning {
     }
 }
 
+#[derive(Debug)]
 pub struct KsmSession {
     ksm: Ksm,
     // Field order matters: the guard restores before the lock is released.

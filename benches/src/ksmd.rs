@@ -11,6 +11,7 @@ use ksmvm::stats::ApproxF64;
 /// Shortest window a CPU percentage is computed over.
 pub const MIN_WINDOW: Duration = Duration::from_millis(500);
 
+#[derive(Debug)]
 pub struct KsmdMeter {
     pid: Option<u32>,
     hz: f64,

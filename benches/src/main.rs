@@ -1,33 +1,10 @@
 //! ksmvm-bench: the KSM density demo, benchmarks and density experiments
 //! for ksmvm. See docs/benchmarks.md and docs/density.md.
 
-mod boot;
-mod cancel;
-mod caps;
-mod common;
-mod compare;
-mod convergence;
-mod demo;
-mod density;
-mod fleet;
-mod guest;
-mod host;
-mod ksm_session;
-mod ksmd;
-mod machine;
-mod monitor;
-mod output;
-mod plot;
-mod profile;
-mod runtime;
-mod summary;
-mod table;
-mod tuning;
-mod vmstats;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use ksmvm_bench::{boot, cancel, common, compare, demo, density, io, profile, table, tuning};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +29,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// KSM tuning sweep: time to 90 % of ideal savings vs ksmd CPU.
     KsmTuning(tuning::TuningArgs),
+    /// virtio block and net throughput, and the device thread's CPU per GiB.
+    Io(io::IoArgs),
     /// List the memory profiles.
     Profiles(common::VmmArgs),
 }
@@ -68,6 +47,7 @@ fn main() -> ExitCode {
         Command::Boot(a) => boot::run(a),
         Command::Compare(a) => compare::run(a),
         Command::KsmTuning(a) => tuning::run(a),
+        Command::Io(a) => io::run(&a),
         Command::Profiles(a) => list_profiles(&a),
     };
     match result {

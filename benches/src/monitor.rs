@@ -115,6 +115,7 @@ pub struct MemoryFloor {
     pub emergency_available: u64,
 }
 
+#[derive(Debug)]
 pub struct Monitor {
     pub t0: Instant,
     pub baseline: Baseline,

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+#[derive(Debug)]
 pub struct ResultsDir {
     path: PathBuf,
 }

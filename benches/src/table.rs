@@ -1,5 +1,6 @@
 //! Plain-text tables with right-aligned numeric columns.
 
+#[derive(Debug)]
 pub struct Table {
     header: Vec<String>,
     rows: Vec<Vec<String>>,

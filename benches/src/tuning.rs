@@ -11,6 +11,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use ksmvm::ksm::{AdvisorMode, KsmTuning};
 use ksmvm::stats::ApproxF64;
+use ksmvm_testkit::RuntimeDir;
 use serde::Serialize;
 
 use crate::cancel;
@@ -24,7 +25,7 @@ use crate::machine::Machine;
 use crate::output::ResultsDir;
 use crate::plot::{self, Chart, Series, Style};
 use crate::profile::Profile;
-use crate::runtime::RuntimeDir;
+
 use crate::table::{opt1, Table};
 
 #[derive(Args, Debug)]
@@ -141,7 +142,7 @@ pub fn run(args: TuningArgs) -> Result<()> {
     for s in settings(&args, has_advisor) {
         s.tuning.validate()?;
     }
-    let runtime = RuntimeDir::create("tuning")?;
+    let runtime = RuntimeDir::create("bench-tuning")?;
     let launcher = args.vmm.launcher(&runtime)?;
     let mut results = ResultsDir::create(&args.out.results, "ksm-tuning")?;
     let all = settings(&args, has_advisor);

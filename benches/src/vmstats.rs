@@ -16,6 +16,7 @@ use ksmvm::arch::x86_64::ram_ranges;
 use ksmvm::stats::{GuestRegions, Sampler, VmStats};
 
 /// Samples one VMM repeatedly (keeps its proc files open).
+#[derive(Debug)]
 pub enum VmStatsSource {
     Api(ApiClient),
     Proc(Box<Sampler>),

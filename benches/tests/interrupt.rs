@@ -5,55 +5,22 @@
 //! fail when CI=true. They hold the cross-process KSM host lock and pass
 //! `--assume-host-lock` to the harness they drive.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ksmvm::ksm::{HostLock, Ksm};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use ksmvm_testkit::{have_ksm, have_kvm, probe, repo_root, require, Launch, Vmm};
 
 const BENCH: &str = env!("CARGO_BIN_EXE_ksmvm-bench");
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// False (with a message) when a requirement is missing; panics in CI.
-fn require(ok: bool, what: &str) -> bool {
-    if !ok {
-        assert!(
-            !in_ci(),
-            "CI=true and this test needs {what}, which is missing"
-        );
-        eprintln!("SKIPPED: this test needs {what}");
-    }
-    ok
-}
-
 fn have_all() -> bool {
-    require(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
-        "read/write access to /dev/kvm",
-    ) && require(
-        nix::unistd::geteuid().is_root() && Path::new("/sys/kernel/mm/ksm/run").exists(),
-        "root and KSM (/sys/kernel/mm/ksm)",
-    ) && require(
-        ksmvm_bin().is_file(),
-        "the ksmvm binary (cargo build --workspace)",
-    )
+    have_kvm()
+        && have_ksm()
+        && require(
+            ksmvm_bin().is_file(),
+            "the ksmvm binary (cargo build --workspace)",
+        )
 }
 
 /// The ksmvm binary of the same build (cargo test --workspace builds it).
@@ -61,34 +28,15 @@ fn ksmvm_bin() -> PathBuf {
     Path::new(BENCH).with_file_name("ksmvm")
 }
 
-fn probe() -> PathBuf {
-    static PROBE: OnceLock<PathBuf> = OnceLock::new();
-    PROBE
-        .get_or_init(|| {
-            let dir = repo_root().join("guest-image/probe");
-            let status = Command::new("cargo")
-                .args(["build", "--release", "--quiet"])
-                .current_dir(&dir)
-                .env_remove("RUSTFLAGS")
-                .env_remove("CARGO_TARGET_DIR")
-                .env_remove("CARGO_BUILD_TARGET")
-                .status()
-                .expect("cannot run cargo to build the probe guest");
-            assert!(status.success(), "building the probe guest failed");
-            dir.join("target/release/probe")
-        })
-        .clone()
-}
-
+/// `ksmvm-bench demo`, started by the kit's launcher (its stdout is read
+/// as the kit reads a serial console; stderr is shown).
 struct Harness {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
+    vmm: Vmm,
 }
 
 impl Harness {
     fn demo(hold_s: u64) -> Self {
-        let mut child = Command::new(BENCH)
+        let vmm = Launch::program(BENCH)
             .arg("demo")
             .arg("--ksmvm")
             .arg(ksmvm_bin())
@@ -97,48 +45,19 @@ impl Harness {
             .args(["--profile", "tiny", "--guests", "2", "--assume-host-lock"])
             .args(["--hold-s", &hold_s.to_string()])
             .current_dir(repo_root())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("cannot start ksmvm-bench");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = channel();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-        }
+            .inherit_runtime_dir()
+            .stdin_closed()
+            .echo_stderr()
+            .start();
+        Self { vmm }
     }
 
     fn expect(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.contains(needle) {
-                        return l;
-                    }
-                }
-                Err(e) => panic!("no line with {needle:?} ({e:?}); output: {:#?}", self.seen),
-            }
-        }
+        self.vmm.expect_line_containing(needle, timeout)
     }
 
-    #[allow(
-        clippy::cast_possible_wrap,
-        reason = "pids are at most 2^22 (PID_MAX_LIMIT)"
-    )]
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
+    fn pid(&self) -> u32 {
+        self.vmm.pid()
     }
 
     /// The guest pids from "all N guests READY in ... (pids A B)".
@@ -155,24 +74,7 @@ impl Harness {
     }
 
     fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("ksmvm-bench did not exit within {timeout:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.vmm.wait_exit(timeout)
     }
 }
 
@@ -217,13 +119,13 @@ fn sigint_stops_guests_and_restores_ksm() {
         "guests run before SIGINT"
     );
 
-    kill(h.pid(), Signal::SIGINT).expect("SIGINT");
+    h.vmm.signal(libc::SIGINT);
     let status = h.wait(Duration::from_secs(30));
     assert_eq!(
         status.code(),
         Some(130),
         "exit status after SIGINT; output {:#?}",
-        h.seen
+        h.vmm.seen
     );
     assert_eq!(
         wait_gone(&pids, Duration::ZERO),
@@ -249,11 +151,20 @@ fn sigkill_of_the_harness_takes_its_guests_down() {
     let mut h = Harness::demo(120);
     let ready = h.expect("guests READY", Duration::from_secs(60));
     let pids = Harness::guest_pids(&ready);
-    kill(h.pid(), Signal::SIGKILL).expect("SIGKILL");
+    h.vmm.kill();
     h.wait(Duration::from_secs(10));
-    // The harness could not remove its runtime directory (stale sockets).
-    let _ =
-        std::fs::remove_dir_all(std::env::temp_dir().join(format!("ksmvm-bench-demo-{}", h.pid())));
+    // The harness could not remove its runtime directory (stale sockets):
+    // ksmvm_testkit::RuntimeDir's `ksmvm-bench-demo-PID-N`.
+    let prefix = format!("ksmvm-bench-demo-{}-", h.pid());
+    for e in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     assert_eq!(
         wait_gone(&pids, Duration::from_secs(5)),
         Vec::<i32>::new(),

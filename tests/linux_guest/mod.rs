@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use crate::support::*;
+use ksmvm_testkit::*;
 
 /// Real Linux boots in ~5-30 s in the test host; allow for a loaded machine.
 pub const BOOT_LIMIT: Duration = Duration::from_secs(240);

@@ -12,8 +12,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::linux_guest::*;
-use crate::support::*;
 use crate::{assert_ksm_status_matches_sysfs, wait_for, MIB};
+use ksmvm_testkit::*;
 
 /// systemd, PostgreSQL's first `initdb` and the services in a guest under
 /// nested emulation: a few minutes on a loaded 2-core machine.
@@ -55,7 +55,7 @@ impl Instance {
             .args([
                 name,
                 &format!("{name}.test.example"),
-                &dir.0.display().to_string(),
+                &dir.path().display().to_string(),
             ])
             .env("KERNEL", Kernel::Ksmvm.path())
             .env("ROOTFS", rootfs())
@@ -71,8 +71,8 @@ impl Instance {
         );
         Instance {
             name: name.to_owned(),
-            toml: dir.path(&format!("{name}.toml")),
-            data: dir.path(&format!("{name}.data.ext4")),
+            toml: dir.join(&format!("{name}.toml")),
+            data: dir.join(&format!("{name}.data.ext4")),
             addr,
         }
     }
@@ -226,7 +226,7 @@ fn mastodon_base_image_multi_user_then_graceful_stop() {
     let ns = NetNs::new("rlmasto");
     ns.add_tap(&inst.name);
     ns.ip(&["addr", "add", HOST_ADDR, "dev", &inst.name]);
-    let sock_path = dir.path("notify.sock");
+    let sock_path = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_nonblocking(true).unwrap();
 

@@ -288,9 +288,13 @@ impl Container {
         }
         self.torn_down = true;
         // The namespace's PID 1 first: the kernel then kills the namespace.
-        if self.pid != 0 {
+        // A pid is at most PID_MAX_LIMIT (2^22): it fits a pid_t.
+        match libc::pid_t::try_from(self.pid) {
+            Ok(0) | Err(_) => {}
             // SAFETY: kill(2) on the systemd this container started.
-            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+            Ok(pid) => unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            },
         }
         let killed = self.cgroups.kill_all(Duration::from_secs(10));
         if let Some(mut child) = self.child.take() {
