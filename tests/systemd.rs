@@ -194,13 +194,14 @@ fn silent_watchdog_restarts(sd: &Sd) {
 fn three_instances(sd: &Sd) {
     let units = ["ksmvm@a", "ksmvm@b", "ksmvm@c"];
     sd.ok(&format!("systemctl start {}", units.join(" ")));
-    let mut pids: Vec<String> = units
+    let pids_by_unit: Vec<String> = units
         .iter()
         .map(|u| {
             sd.assert_active(u);
             sd.prop(u, "MainPID")
         })
         .collect();
+    let mut pids = pids_by_unit.clone();
     pids.sort();
     pids.dedup();
     assert_eq!(pids.len(), 3, "three VMMs: {pids:?}");
@@ -219,6 +220,19 @@ fn three_instances(sd: &Sd) {
             .unwrap_or_else(|| panic!("ksmvm list lacks {name}: {list}"));
         assert_eq!(row["state"], "running", "{row}");
         assert_eq!(row["pid"].to_string(), sd.prop(u, "MainPID"), "{row}");
+        assert!(row.get("error").is_none(), "{row}");
+        assert!(row["resident_bytes"].is_u64(), "{row}");
+    }
+    // The cheap statistics path (mincore, within 2 s of the last full
+    // sample) and the STATUS= refresh (every 5 s) run inside the unit's
+    // system call filter without killing the VMM.
+    sd.ok("ksmvm list --json");
+    std::thread::sleep(Duration::from_secs(6));
+    for (u, pid) in units.iter().zip(&pids_by_unit) {
+        sd.assert_active(u);
+        assert_eq!(&sd.prop(u, "MainPID"), pid, "{u} was restarted");
+        let status = sd.prop(u, "StatusText");
+        assert!(status.starts_with("running; guest RAM 48 MiB: resident "), "{u}: {status}");
     }
     sd.ok(&format!("systemctl stop {}", units.join(" ")));
     for u in units {
