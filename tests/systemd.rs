@@ -232,7 +232,10 @@ fn three_instances(sd: &Sd) {
         sd.assert_active(u);
         assert_eq!(&sd.prop(u, "MainPID"), pid, "{u} was restarted");
         let status = sd.prop(u, "StatusText");
-        assert!(status.starts_with("running; guest RAM 48 MiB: resident "), "{u}: {status}");
+        assert!(
+            status.starts_with("running; guest RAM 48 MiB: resident "),
+            "{u}: {status}"
+        );
     }
     sd.ok(&format!("systemctl stop {}", units.join(" ")));
     for u in units {
