@@ -27,23 +27,29 @@
 //! * Unless told otherwise, a VMM gets a private runtime directory
 //!   ([`RuntimeDir`]) that lives as long as it does.
 
-use std::ffi::{OsStr, OsString};
-use std::fmt;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::process::CommandExt;
+mod launch;
+mod output;
+
+pub use launch::{contain, Launch};
+pub use output::{SerialLine, WaitError};
+
+use std::ffi::OsStr;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ksmvm::api::ApiClient;
-use ksmvm::instance::{socket_path_in, RUNTIME_DIR_ENV};
+use ksmvm::instance::socket_path_in;
 
 use crate::dirs::RuntimeDir;
 use crate::net::NetNs;
+
+use output::{read_serial, read_stderr, Pattern};
 
 /// How often interruptible waits look at their interrupt flag.
 const POLL: Duration = Duration::from_millis(100);
@@ -53,277 +59,6 @@ const TAIL_LINES: usize = 20;
 const DRAIN: Duration = Duration::from_secs(1);
 /// The timeout of [`Vmm::command`] and [`Vmm::poweroff`].
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A line of serial output and when it arrived.
-#[derive(Debug, Clone)]
-pub struct SerialLine {
-    pub at: Instant,
-    pub text: String,
-}
-
-/// Why a wait for a serial line (or for an exit) ended without it.
-#[derive(Debug)]
-pub enum WaitError {
-    /// Nothing matched within the time allowed.
-    Timeout,
-    /// The VMM closed its output (it exited) first.
-    Exited(Option<ExitStatus>),
-    /// The probe reported an error (the line).
-    ProbeError(String),
-    /// The caller's interrupt flag was raised.
-    Interrupted,
-    /// Writing to the serial input failed.
-    Io(io::Error),
-}
-
-impl fmt::Display for WaitError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            WaitError::Timeout => f.write_str("timed out"),
-            WaitError::Exited(Some(st)) => write!(f, "the VMM exited ({st})"),
-            WaitError::Exited(None) => f.write_str("the VMM exited (unknown status)"),
-            WaitError::ProbeError(l) => write!(f, "the guest reported {l:?}"),
-            WaitError::Interrupted => f.write_str("interrupted"),
-            WaitError::Io(e) => write!(f, "serial input: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for WaitError {}
-
-impl From<io::Error> for WaitError {
-    fn from(e: io::Error) -> Self {
-        WaitError::Io(e)
-    }
-}
-
-/// What a wait looks for.
-#[derive(Debug, Clone, Copy)]
-enum Pattern<'a> {
-    Prefix(&'a str),
-    Contains(&'a str),
-}
-
-impl Pattern<'_> {
-    fn text(self) -> &'static str {
-        match self {
-            Pattern::Prefix(_) => "starting with",
-            Pattern::Contains(_) => "containing",
-        }
-    }
-
-    fn matches(self, line: &str) -> bool {
-        match self {
-            Pattern::Prefix(p) => line.starts_with(p),
-            Pattern::Contains(n) => line.contains(n),
-        }
-    }
-
-    fn wants_probe_error(self) -> bool {
-        match self {
-            Pattern::Prefix(s) | Pattern::Contains(s) => s.starts_with("PROBE ERROR"),
-        }
-    }
-}
-
-impl fmt::Display for Pattern<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Pattern::Prefix(s) | Pattern::Contains(s) => write!(f, "{} {s:?}", self.text()),
-        }
-    }
-}
-
-/// Where a VMM's `KSMVM_RUNTIME_DIR` points.
-#[derive(Debug, Clone)]
-enum Runtime {
-    /// A private directory, created at spawn, removed with the [`Vmm`].
-    Private,
-    /// A directory the caller owns (shared by several VMMs).
-    In(PathBuf),
-    /// Whatever this process's environment says.
-    Inherit,
-}
-
-/// A VMM process to start: ksmvm by default, with arguments, environment,
-/// runtime directory and network namespace. See the module documentation
-/// for what every [`Vmm`] gets.
-#[derive(Debug, Clone)]
-pub struct Launch {
-    program: OsString,
-    args: Vec<OsString>,
-    env: Vec<(OsString, OsString)>,
-    netns: Option<String>,
-    runtime: Runtime,
-    current_dir: Option<PathBuf>,
-    stdin: bool,
-    echo_stderr: bool,
-}
-
-impl Launch {
-    /// ksmvm ([`crate::ksmvm`]) with `args`.
-    pub fn new<I, S>(args: I) -> Launch
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        Launch::program(crate::ksmvm()).args(args)
-    }
-
-    /// Any program (another ksmvm binary, another VMM, `sh -c`).
-    pub fn program(program: impl AsRef<OsStr>) -> Launch {
-        Launch {
-            program: program.as_ref().to_owned(),
-            args: Vec::new(),
-            env: Vec::new(),
-            netns: None,
-            runtime: Runtime::Private,
-            current_dir: None,
-            stdin: true,
-            echo_stderr: false,
-        }
-    }
-
-    #[must_use]
-    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Launch {
-        self.args.push(arg.as_ref().to_owned());
-        self
-    }
-
-    #[must_use]
-    pub fn args<I, S>(mut self, args: I) -> Launch
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        self.args
-            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
-        self
-    }
-
-    #[must_use]
-    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Launch {
-        self.env
-            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
-        self
-    }
-
-    /// Runs the program inside `ns` (`ip netns exec NAME PROGRAM ARGS`;
-    /// ip(8) execs it, so the [`Vmm::pid`] is the program's).
-    #[must_use]
-    pub fn netns(mut self, ns: &NetNs) -> Launch {
-        self.netns = Some(ns.name.clone());
-        self
-    }
-
-    /// `KSMVM_RUNTIME_DIR=dir`, a directory the caller keeps.
-    #[must_use]
-    pub fn runtime_dir(mut self, dir: &Path) -> Launch {
-        self.runtime = Runtime::In(dir.to_path_buf());
-        self
-    }
-
-    /// No `KSMVM_RUNTIME_DIR` of the kit's: the program sees this process's
-    /// environment (another VMM, or a binary without the control API).
-    #[must_use]
-    pub fn inherit_runtime_dir(mut self) -> Launch {
-        self.runtime = Runtime::Inherit;
-        self
-    }
-
-    /// Runs the program in `dir`.
-    #[must_use]
-    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Launch {
-        self.current_dir = Some(dir.as_ref().to_path_buf());
-        self
-    }
-
-    /// stdin is /dev/null instead of a pipe ([`Vmm::send`] then fails).
-    #[must_use]
-    pub fn stdin_closed(mut self) -> Launch {
-        self.stdin = false;
-        self
-    }
-
-    /// Copies the VMM's stderr to this process's stderr (still captured).
-    #[must_use]
-    pub fn echo_stderr(mut self) -> Launch {
-        self.echo_stderr = true;
-        self
-    }
-
-    /// The command that [`Launch::spawn`] runs, for display (without the
-    /// private runtime directory, which only exists once it runs).
-    pub fn command(&self) -> Command {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&self.program);
-                c
-            }
-            None => Command::new(&self.program),
-        };
-        cmd.args(&self.args);
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        if let Runtime::In(dir) = &self.runtime {
-            cmd.env(RUNTIME_DIR_ENV, dir);
-        }
-        if let Some(dir) = &self.current_dir {
-            cmd.current_dir(dir);
-        }
-        cmd
-    }
-
-    /// Starts the process.
-    pub fn spawn(self) -> io::Result<Vmm> {
-        let mut cmd = self.command();
-        let (private, dir) = match &self.runtime {
-            Runtime::Private => {
-                let d = RuntimeDir::create("run")?;
-                cmd.env(RUNTIME_DIR_ENV, d.path());
-                let p = d.path().to_path_buf();
-                (Some(d), Some(p))
-            }
-            Runtime::In(d) => (None, Some(d.clone())),
-            Runtime::Inherit => (None, None),
-        };
-        let mut vmm = Vmm::spawn_with(&mut cmd, self.stdin, self.echo_stderr)?;
-        vmm.own_runtime = private;
-        vmm.runtime = dir;
-        Ok(vmm)
-    }
-
-    /// Like [`Launch::spawn`], for tests.
-    ///
-    /// # Panics
-    /// When the process cannot be started.
-    pub fn start(self) -> Vmm {
-        let program = self.program.clone();
-        self.spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program:?}: {e}"))
-    }
-}
-
-/// Makes `cmd` a child that cannot outlive the thread that starts it (nor
-/// the harness) and that does not receive the terminal's Ctrl-C itself.
-pub fn contain(cmd: &mut Command) {
-    let parent = std::process::id();
-    // SAFETY: prctl and getppid are async-signal-safe; the closure touches
-    // no memory shared with the parent (it owns a copy of `parent`).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if u32::try_from(libc::getppid()).ok() != Some(parent) {
-                return Err(io::Error::other("parent exited"));
-            }
-            Ok(())
-        });
-    }
-    cmd.process_group(0);
-}
 
 /// A running VMM with its serial console on a pipe; killed and reaped on
 /// drop, so a failing test leaves nothing behind.
@@ -811,74 +546,4 @@ pub fn run_to_end(args: &[&str], timeout: Duration) -> (Option<i32>, String, Str
     vm.close_stdin();
     let (status, stderr) = vm.wait_keeping(timeout);
     (status.code(), vm.seen.join("\n"), stderr)
-}
-
-/// Reads the serial console: records the first byte's arrival and sends
-/// whole lines (without `\r`), each stamped with its arrival time.
-fn read_serial(
-    mut out: impl Read + Send + 'static,
-    first: Arc<OnceLock<Instant>>,
-) -> Receiver<SerialLine> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        let mut line = Vec::new();
-        loop {
-            let n = match out.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            };
-            let at = Instant::now();
-            let _ = first.set(at);
-            for &b in &buf[..n] {
-                if b == b'\n' {
-                    let text = String::from_utf8_lossy(&line)
-                        .trim_end_matches('\r')
-                        .to_string();
-                    line.clear();
-                    if tx.send(SerialLine { at, text }).is_err() {
-                        return;
-                    }
-                } else {
-                    line.push(b);
-                }
-            }
-        }
-        if !line.is_empty() {
-            let text = String::from_utf8_lossy(&line)
-                .trim_end_matches('\r')
-                .to_string();
-            let _ = tx.send(SerialLine {
-                at: Instant::now(),
-                text,
-            });
-        }
-    });
-    rx
-}
-
-/// Keeps every stderr line (and echoes it if asked); raises `done` at EOF.
-fn read_stderr(
-    err: impl Read + Send + 'static,
-    keep: Arc<Mutex<Vec<String>>>,
-    done: Arc<AtomicBool>,
-    echo: bool,
-) {
-    thread::spawn(move || {
-        for line in BufReader::new(err).split(b'\n') {
-            let Ok(line) = line else { break };
-            let line = String::from_utf8_lossy(&line)
-                .trim_end_matches('\r')
-                .to_string();
-            if echo {
-                eprintln!("{line}");
-            }
-            keep.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(line);
-        }
-        done.store(true, Ordering::SeqCst);
-    });
 }
