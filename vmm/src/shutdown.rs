@@ -4,8 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use crate::devices::virtio::DiskConfig;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopAction {
     /// Ask the guest to shut down (Ctrl-Alt-Del) and wait for it.
@@ -48,20 +46,6 @@ impl GracefulShutdown {
 
     pub fn expired(&self, now: Instant) -> bool {
         self.deadline.is_some_and(|d| now >= d)
-    }
-}
-
-/// Makes every writable disk image durable (fdatasync) after the VM has
-/// stopped: the guest's last writes may still be in the host's page cache,
-/// and a stopped service should not depend on it. fsync works on any fd of
-/// the file, so the image is simply opened again.
-pub fn flush_disks(disks: &[DiskConfig]) {
-    for d in disks.iter().filter(|d| !d.read_only) {
-        let synced = std::fs::File::open(&d.path).and_then(|f| f.sync_data());
-        match synced {
-            Ok(()) => log::info!("flushed disk {}", d.path.display()),
-            Err(e) => log::error!("cannot flush disk {}: {e}", d.path.display()),
-        }
     }
 }
 

@@ -59,9 +59,11 @@ pub struct VmHandle {
     /// requests, and the main loop takes them out to join them.
     vcpus: Mutex<Vec<VcpuHandle>>,
     paused: AtomicBool,
-    /// Whether guest RAM is MADV_MERGEABLE now; the lock also orders
-    /// concurrent merge/unmerge requests.
-    mergeable: Mutex<bool>,
+    /// Whether guest RAM is MADV_MERGEABLE now: read without a lock, so
+    /// that `GET /` and `/stats` never wait behind a long madvise.
+    mergeable: AtomicBool,
+    /// Orders concurrent merge/unmerge requests.
+    merge_change: Mutex<()>,
     /// None with the reason when sampling cannot work on this host.
     pub(super) sampler: Result<Mutex<Sampler>, String>,
     devices: Devices,
@@ -101,7 +103,8 @@ impl VmHandle {
             mem,
             vcpus: Mutex::new(vcpus),
             paused: AtomicBool::new(false),
-            mergeable: Mutex::new(mergeable),
+            mergeable: AtomicBool::new(mergeable),
+            merge_change: Mutex::new(()),
             sampler,
             devices,
         }
@@ -256,7 +259,7 @@ impl VmHandle {
 
     /// Whether guest RAM is MADV_MERGEABLE now.
     pub fn mergeable(&self) -> bool {
-        *lock(&self.mergeable)
+        self.mergeable.load(Ordering::SeqCst)
     }
 
     /// Marks guest RAM mergeable (KSM may merge it) or not (KSM unmerges
@@ -265,9 +268,9 @@ impl VmHandle {
         if self.stopping() {
             return Err(VmHandleError::Stopping);
         }
-        let mut m = lock(&self.mergeable);
+        let _order = lock(&self.merge_change);
         memory::set_mergeable(&self.mem, on)?;
-        *m = on;
+        self.mergeable.store(on, Ordering::SeqCst);
         log::info!(
             "VM {}: guest RAM {}",
             self.name(),

@@ -172,7 +172,6 @@ impl Vm {
             serial: self.serial,
             i8042: self.i8042,
             reset_evt: self.reset_evt,
-            disks: self.config.devices.disks,
             _kvm_vm: self.kvm_vm,
             _kvm: self.kvm,
         })

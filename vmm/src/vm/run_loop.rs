@@ -13,11 +13,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{epoll_add, Supervisor, VmError, VmHandle};
 use super::{TOKEN_EXIT, TOKEN_READY, TOKEN_RESET, TOKEN_SIGNAL, TOKEN_STDIN};
-use crate::config::devices::DiskConfig;
 use crate::devices::bus::lock;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::EventLoopHandle;
+use crate::devices::virtio::{kind_name, Block};
 use crate::outcome::ExitOutcome;
 use crate::shutdown::{GracefulShutdown, StopAction};
 use crate::vcpu::{VcpuHandle, VmControl};
@@ -31,8 +31,6 @@ pub struct RunningVm {
     pub(super) serial: Arc<Mutex<SerialDevice>>,
     pub(super) i8042: Arc<Mutex<I8042>>,
     pub(super) reset_evt: EventFd,
-    /// Flushed to the host's disk once the devices have stopped.
-    pub(super) disks: Vec<DiskConfig>,
     pub(super) _kvm_vm: kvm_ioctls::VmFd,
     pub(super) _kvm: kvm_ioctls::Kvm,
 }
@@ -198,10 +196,31 @@ impl RunningVm {
             log::error!("virtio devices: {e}");
         }
         // Whatever the guest wrote is on the host's disk before the VMM exits.
-        crate::shutdown::flush_disks(&self.disks);
+        flush_disks(&self.handle);
         control
             .outcome()
             .unwrap_or_else(|| ExitOutcome::Stopped("no reason recorded".into()))
+    }
+}
+
+/// Makes every writable disk durable after the devices have stopped:
+/// the guest's last writes may still be in the host's page cache, and a
+/// stopped service must not depend on it. Each through its device's own
+/// descriptor, under the image lock the device still holds.
+fn flush_disks(vm: &VmHandle) {
+    let disks: Vec<String> = vm
+        .devices()
+        .filter(|(_, info)| kind_name(info.device_type) == "disk")
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in disks {
+        match vm.with_device::<Block, _>(&id, |b| (b.path().to_path_buf(), b.flush_to_host())) {
+            Ok((path, Ok(()))) => log::info!("flushed disk {id} ({})", path.display()),
+            Ok((path, Err(e))) => {
+                log::error!("cannot flush disk {id} ({}): {e}", path.display());
+            }
+            Err(e) => log::error!("cannot flush disk {id}: {e}"),
+        }
     }
 }
 

@@ -47,7 +47,7 @@ pub use create::{create, CreateError};
 pub use device::VirtioDevice;
 pub use event_loop::{EventLoopError, EventLoopHandle};
 pub use manager::{DeviceInfo, EventRegistrar, ManagerError, VirtioDevices};
-pub use registry::{DeviceId, DeviceLookupError, Devices, BALLOON_ID};
+pub use registry::{kind_name, DeviceId, DeviceLookupError, Devices, BALLOON_ID};
 
 pub use balloon::{Balloon, BalloonHandle, BalloonStats};
 pub use block::Block;

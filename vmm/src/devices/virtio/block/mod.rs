@@ -81,6 +81,20 @@ impl Block {
     pub fn capacity_sectors(&self) -> u64 {
         self.disk.capacity_sectors()
     }
+
+    /// Makes everything the guest wrote durable (fdatasync) through the
+    /// device's own descriptor, while it still holds the image's lock; a
+    /// read-only disk has nothing to flush. The VM's last act on its disks.
+    pub fn flush_to_host(&self) -> std::io::Result<()> {
+        if self.disk.read_only() {
+            return Ok(());
+        }
+        self.disk.flush()
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.disk.path()
+    }
 }
 
 fn put<const N: usize>(cfg: &mut [u8], at: usize, bytes: [u8; N]) {
