@@ -215,9 +215,9 @@ fn flush_disks(vm: &VmHandle) {
         .collect();
     for id in disks {
         match vm.with_device::<Block, _>(&id, |b| (b.path().to_path_buf(), b.flush_to_host())) {
-            Ok((path, Ok(()))) => log::info!("flushed disk {id} ({})", path.display()),
+            Ok((path, Ok(()))) => log::info!("flushed disk {} ({id})", path.display()),
             Ok((path, Err(e))) => {
-                log::error!("cannot flush disk {id} ({}): {e}", path.display());
+                log::error!("cannot flush disk {} ({id}): {e}", path.display());
             }
             Err(e) => log::error!("cannot flush disk {id}: {e}"),
         }
