@@ -215,7 +215,8 @@ fn flush_disks(vm: &VmHandle) {
         .collect();
     for id in disks {
         match vm.with_device::<Block, _>(&id, |b| (b.path().to_path_buf(), b.flush_to_host())) {
-            Ok((path, Ok(()))) => log::info!("flushed disk {} ({id})", path.display()),
+            Ok((path, Ok(true))) => log::info!("flushed disk {} ({id})", path.display()),
+            Ok((_, Ok(false))) => {}
             Ok((path, Err(e))) => {
                 log::error!("cannot flush disk {} ({id}): {e}", path.display());
             }

@@ -84,12 +84,13 @@ impl Block {
 
     /// Makes everything the guest wrote durable (fdatasync) through the
     /// device's own descriptor, while it still holds the image's lock; a
-    /// read-only disk has nothing to flush. The VM's last act on its disks.
-    pub fn flush_to_host(&self) -> std::io::Result<()> {
+    /// read-only disk has nothing to flush (false). The VM's last act on
+    /// its disks.
+    pub fn flush_to_host(&self) -> std::io::Result<bool> {
         if self.disk.read_only() {
-            return Ok(());
+            return Ok(false);
         }
-        self.disk.flush()
+        self.disk.flush().map(|()| true)
     }
 
     pub fn path(&self) -> &std::path::Path {
