@@ -395,6 +395,40 @@ fn concurrent_clients_and_a_stalled_client() {
 }
 
 #[test]
+fn a_connection_flood_costs_the_vmm_at_most_its_connection_cap() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = RuntimeDir::new();
+    let vm = ApiVm::start(&dir, "flood");
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", vm.pid()))
+            .map(Iterator::count)
+            .unwrap_or(0)
+    };
+    let before = fds();
+    // More than the cap (64), fewer than the listen backlog (64) holds on
+    // top of it, so that every connect returns at once.
+    let t0 = Instant::now();
+    let flood: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(&vm.socket).unwrap())
+        .collect();
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+    let during = fds();
+    assert!(
+        during <= before + 64 + 4,
+        "{during} fds with 100 idle clients (before: {before})"
+    );
+    // The VM itself is unaffected, and once the flood goes, clients are
+    // served again.
+    drop(flood);
+    let t0 = Instant::now();
+    assert_eq!(vm.client().info().unwrap().name, "flood");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+#[test]
 fn ksm_unmerge_and_merge_flip_the_mg_flag() {
     if !have_kvm() {
         return;

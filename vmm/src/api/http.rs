@@ -3,10 +3,19 @@
 //! (TCP).
 //!
 //! Every connection is its own task, so a client that connects and never
-//! sends blocks nobody; handlers run on tokio's blocking pool, so a slow
+//! sends blocks no other (below the connection cap); handlers run on tokio's blocking pool, so a slow
 //! one (sampling smaps, madvise on all guest RAM) cannot stall the others.
 //! Bodies above [`MAX_BODY_BYTES`] are refused with 413 from their
 //! Content-Length alone, without being read.
+//!
+//! What one client can hold is bounded ([`Limits`]): at most
+//! `max_connections` are served at once (the rest wait in the socket's
+//! listen backlog, 64 for the API, costing the VMM no file descriptor; a
+//! client beyond that waits in connect), so a flood of idle
+//! connections cannot use up the fds that sd_notify and the devices need;
+//! headers must arrive within `header_read`, and a body within `body_read`
+//! (408 otherwise: a body trickled one byte at a time holds its slot no
+//! longer).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,7 +30,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 use super::handler::{Reply, MAX_BODY_BYTES};
 use crate::threads::{self, ThreadKind};
@@ -29,8 +38,26 @@ use crate::threads::{self, ThreadKind};
 /// Answers one request: (method, request target, body).
 pub type Handler = Arc<dyn Fn(&str, &str, &[u8]) -> Reply + Send + Sync>;
 
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// What one server lets its clients hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long a client may take to send its request headers.
+    pub header_read: Duration,
+    /// How long a client may take to send its request body.
+    pub body_read: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            header_read: Duration::from_secs(30),
+            body_read: Duration::from_secs(30),
+        }
+    }
+}
 /// How long stopping waits for replies in flight (e.g. the 204 of a
 /// shutdown); a client stuck mid-request cannot hold the VM's exit longer.
 const STOP_GRACE: Duration = Duration::from_millis(500);
@@ -89,6 +116,16 @@ impl HttpServer {
     /// Serves on a thread of `kind`; its request handlers run on threads
     /// of `kind.worker()`.
     pub fn spawn(kind: ThreadKind, listener: Listener, handler: Handler) -> std::io::Result<Self> {
+        Self::spawn_with(kind, listener, handler, Limits::default())
+    }
+
+    /// [`spawn`](Self::spawn) with other [`Limits`].
+    pub fn spawn_with(
+        kind: ThreadKind,
+        listener: Listener,
+        handler: Handler,
+        limits: Limits,
+    ) -> std::io::Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_name(kind.worker().name())
@@ -100,7 +137,7 @@ impl HttpServer {
         };
         let (stop_tx, stop_rx) = oneshot::channel();
         let thread = threads::spawn(kind, move || {
-            rt.block_on(serve(listener, handler, stop_rx));
+            rt.block_on(serve(listener, handler, limits, stop_rx));
             rt.shutdown_timeout(STOP_GRACE);
         })?;
         Ok(Self {
@@ -132,27 +169,43 @@ impl Drop for HttpServer {
     }
 }
 
-async fn serve(listener: AsyncListener, handler: Handler, mut stop: oneshot::Receiver<()>) {
+async fn serve(
+    listener: AsyncListener,
+    handler: Handler,
+    limits: Limits,
+    mut stop: oneshot::Receiver<()>,
+) {
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_read);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        // A free slot first: until one is, connections wait in the backlog.
+        let slot = tokio::select! {
+            _ = &mut stop => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
         tokio::select! {
             _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
                     let handler = handler.clone();
+                    let body_read = limits.body_read;
                     let svc = hyper::service::service_fn(move |req| {
                         let handler = handler.clone();
-                        async move { Ok::<_, Infallible>(respond(req, handler).await) }
+                        async move { Ok::<_, Infallible>(respond(req, handler, body_read).await) }
                     });
                     let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
                             log::debug!("API connection ended: {e}");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -174,7 +227,11 @@ async fn serve(listener: AsyncListener, handler: Handler, mut stop: oneshot::Rec
 
 /// Checks the body size, reads the body, and runs the handler off the
 /// runtime thread.
-async fn respond(req: Request<Incoming>, handler: Handler) -> Response<Full<Bytes>> {
+async fn respond(
+    req: Request<Incoming>,
+    handler: Handler,
+    body_read: Duration,
+) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_owned();
     let target = req
         .uri()
@@ -189,7 +246,20 @@ async fn respond(req: Request<Incoming>, handler: Handler) -> Response<Full<Byte
         return to_response(Reply::too_large(MAX_BODY_BYTES));
     }
     let limit = usize::try_from(MAX_BODY_BYTES).unwrap_or(usize::MAX);
-    let body = match Limited::new(req.into_body(), limit).collect().await {
+    let read = tokio::time::timeout(body_read, Limited::new(req.into_body(), limit).collect());
+    let Ok(body) = read.await else {
+        return to_response(Reply {
+            close: true,
+            ..Reply::error(
+                408,
+                format!(
+                    "the body did not arrive within {:.1} s",
+                    body_read.as_secs_f64()
+                ),
+            )
+        });
+    };
+    let body = match body {
         Ok(b) => b.to_bytes(),
         // Chunked bodies have no Content-Length: caught while reading.
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
@@ -228,3 +298,6 @@ fn to_response(r: Reply) -> Response<Full<Bytes>> {
         resp
     })
 }
+
+#[cfg(test)]
+mod tests;

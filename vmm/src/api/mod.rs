@@ -19,7 +19,7 @@ mod types;
 pub use backend::{BackendError, VmBackend};
 pub use client::{parse_response, ApiClient, ClientError, ClientResponse};
 pub use handler::{handle, Reply, MAX_BODY_BYTES};
-pub use http::{Handler, HttpServer, Listener};
+pub use http::{Handler, HttpServer, Limits, Listener};
 pub use live::STATS_DETAIL_MAX_AGE;
 pub use server::ApiServer;
 pub use socket::{ApiSocket, SocketError, SocketFile};
