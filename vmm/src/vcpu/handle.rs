@@ -63,10 +63,6 @@ impl VcpuHandle {
         }
     }
 
-    pub fn index(&self) -> u32 {
-        self.index
-    }
-
     /// Drops answers left over from an earlier request that timed out.
     pub fn discard_stale(&self) {
         while self.responses.try_recv().is_ok() {}

@@ -7,7 +7,7 @@
 //! critical sections, so no caller can stall the guest; the device lock
 //! taken by `with_device` is the one the device's own work takes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -160,10 +160,6 @@ impl VmHandle {
 
     pub fn name(&self) -> &str {
         &self.identity.name
-    }
-
-    pub fn kernel(&self) -> &Path {
-        &self.identity.kernel
     }
 
     pub fn uptime(&self) -> Duration {
