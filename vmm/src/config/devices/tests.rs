@@ -24,7 +24,7 @@ fn disk_errors_name_the_problem() {
     assert_eq!(e("path=a,ro=yes"), "ro=\"yes\": expected on or off");
     assert_eq!(
         e("path=a,cache=none"),
-        "unknown option \"cache\" (known: path, ro, id)"
+        "unknown option \"cache\" (known: path, ro, id, bw, iops)"
     );
     assert_eq!(e("/tmp/a.img"), "\"/tmp/a.img\" is not KEY=VALUE");
     assert!(e("path=a,id=abcdefghijklmnopqrstu").contains("1-20 printable ASCII"));
@@ -119,4 +119,46 @@ fn serde_uses_the_cli_keys_and_validates() {
     let b: BalloonConfig = serde_json::from_str(r#"{"stats-interval-s":3}"#).unwrap();
     assert_eq!(b.stats_interval_s, 3);
     assert!(!b.deflate_on_oom);
+}
+
+#[test]
+fn rates_parse_with_suffixes_default_per_device_and_round_trip() {
+    let d: DiskConfig = "path=a.img,bw=200M,iops=5000".parse().unwrap();
+    assert_eq!(d.bytes_per_s(), Some(200 << 20));
+    assert_eq!(d.ops_per_s(), Some(5000));
+    assert_eq!(d.to_string(), "path=a.img,ro=off,bw=200M,iops=5000");
+    assert_eq!(d.to_string().parse::<DiskConfig>().unwrap(), d);
+    let d: DiskConfig = "path=a.img".parse().unwrap();
+    assert_eq!(d.bytes_per_s(), Some(DEFAULT_DISK_BYTES_PER_S));
+    assert_eq!(d.ops_per_s(), Some(DEFAULT_DISK_IOPS));
+    let d: DiskConfig = "path=a.img,bw=0,iops=0".parse().unwrap();
+    assert_eq!((d.bytes_per_s(), d.ops_per_s()), (None, None), "0 is unlimited");
+
+    let n: NetConfig = "tap=t0,bw=1G,pps=64k,mac-filter=off".parse().unwrap();
+    assert_eq!(n.bytes_per_s(), Some(1 << 30));
+    assert_eq!(n.frames_per_s(), Some(64 << 10));
+    assert!(!n.filters_source_mac());
+    assert_eq!(n.to_string(), "tap=t0,bw=1G,pps=64K,mac-filter=off");
+    assert_eq!(n.to_string().parse::<NetConfig>().unwrap(), n);
+    let n: NetConfig = "tap=t0".parse().unwrap();
+    assert!(n.filters_source_mac(), "on by default");
+    assert_eq!(n.frames_per_s(), Some(DEFAULT_NET_PPS));
+
+    let e = |s: &str| s.parse::<DiskConfig>().unwrap_err().to_string();
+    for bad in ["bw=", "bw=fast", "bw=1T", "bw=-1", "bw=1.5M", "iops=99999999999999999999"] {
+        let msg = e(&format!("path=a,{bad}"));
+        assert!(msg.contains("expected a rate such as"), "{bad}: {msg}");
+    }
+    assert!(e("path=a,bw=18014398509481984G").contains("expected a rate"), "overflow");
+}
+
+#[test]
+fn rates_in_an_instance_file_are_integers_or_strings() {
+    let d: DiskConfig = serde_json::from_str(r#"{"path":"/a","bw":"64M","iops":100}"#).unwrap();
+    assert_eq!((d.bytes_per_s(), d.ops_per_s()), (Some(64 << 20), Some(100)));
+    assert!(serde_json::from_str::<DiskConfig>(r#"{"path":"/a","bw":"lots"}"#).is_err());
+    let n: NetConfig =
+        serde_json::from_str(r#"{"tap":"t","pps":"10K","mac-filter":false}"#).unwrap();
+    assert_eq!(n.frames_per_s(), Some(10 << 10));
+    assert!(!n.filters_source_mac());
 }

@@ -48,7 +48,9 @@ pub use create::{create, CreateError};
 pub use device::VirtioDevice;
 pub use event_loop::{EventLoopError, EventLoopHandle};
 pub use manager::{DeviceInfo, EventRegistrar, ManagerError, VirtioDevices};
-pub use registry::{kind_name, DeviceId, DeviceLookupError, Devices, BALLOON_ID};
+pub use registry::{
+    device_kind, kind_name, DeviceCounters, DeviceId, DeviceLookupError, Devices, BALLOON_ID,
+};
 
 pub use balloon::{Balloon, BalloonHandle, BalloonStats};
 pub use block::{Block, BlockError};
