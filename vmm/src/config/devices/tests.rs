@@ -132,7 +132,11 @@ fn rates_parse_with_suffixes_default_per_device_and_round_trip() {
     assert_eq!(d.bytes_per_s(), Some(DEFAULT_DISK_BYTES_PER_S));
     assert_eq!(d.ops_per_s(), Some(DEFAULT_DISK_IOPS));
     let d: DiskConfig = "path=a.img,bw=0,iops=0".parse().unwrap();
-    assert_eq!((d.bytes_per_s(), d.ops_per_s()), (None, None), "0 is unlimited");
+    assert_eq!(
+        (d.bytes_per_s(), d.ops_per_s()),
+        (None, None),
+        "0 is unlimited"
+    );
 
     let n: NetConfig = "tap=t0,bw=1G,pps=64k,mac-filter=off".parse().unwrap();
     assert_eq!(n.bytes_per_s(), Some(1 << 30));
@@ -145,17 +149,30 @@ fn rates_parse_with_suffixes_default_per_device_and_round_trip() {
     assert_eq!(n.frames_per_s(), Some(DEFAULT_NET_PPS));
 
     let e = |s: &str| s.parse::<DiskConfig>().unwrap_err().to_string();
-    for bad in ["bw=", "bw=fast", "bw=1T", "bw=-1", "bw=1.5M", "iops=99999999999999999999"] {
+    for bad in [
+        "bw=",
+        "bw=fast",
+        "bw=1T",
+        "bw=-1",
+        "bw=1.5M",
+        "iops=99999999999999999999",
+    ] {
         let msg = e(&format!("path=a,{bad}"));
         assert!(msg.contains("expected a rate such as"), "{bad}: {msg}");
     }
-    assert!(e("path=a,bw=18014398509481984G").contains("expected a rate"), "overflow");
+    assert!(
+        e("path=a,bw=18014398509481984G").contains("expected a rate"),
+        "overflow"
+    );
 }
 
 #[test]
 fn rates_in_an_instance_file_are_integers_or_strings() {
     let d: DiskConfig = serde_json::from_str(r#"{"path":"/a","bw":"64M","iops":100}"#).unwrap();
-    assert_eq!((d.bytes_per_s(), d.ops_per_s()), (Some(64 << 20), Some(100)));
+    assert_eq!(
+        (d.bytes_per_s(), d.ops_per_s()),
+        (Some(64 << 20), Some(100))
+    );
     assert!(serde_json::from_str::<DiskConfig>(r#"{"path":"/a","bw":"lots"}"#).is_err());
     let n: NetConfig =
         serde_json::from_str(r#"{"tap":"t","pps":"10K","mac-filter":false}"#).unwrap();

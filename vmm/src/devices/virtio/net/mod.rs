@@ -310,7 +310,7 @@ impl Net {
 
     /// True when `frame` (Ethernet, after the virtio header) carries the
     /// guest's own MAC as its source.
-    fn from_guest_mac(&self, frame: &[u8]) -> bool {
+    fn sent_from_guest_mac(&self, frame: &[u8]) -> bool {
         frame.get(6..12) == Some(&self.config[..])
     }
 
@@ -334,7 +334,7 @@ impl Net {
         if reader.read_exact(&mut self.tx_buf[..len]).is_err() {
             return malformed(&self.counters);
         }
-        if self.filter_source_mac && !self.from_guest_mac(&self.tx_buf[VNET_HDR_LEN..len]) {
+        if self.filter_source_mac && !self.sent_from_guest_mac(&self.tx_buf[VNET_HDR_LEN..len]) {
             self.counters.tx_spoofed.fetch_add(1, Ordering::Relaxed);
             warn_ratelimited!(
                 "virtio-net: dropping a TX frame whose source MAC is not the guest's"
