@@ -297,3 +297,59 @@ fn a_mounted_block_device_is_refused() {
     drop(mount);
     running(&disk(lo.path(), false), "m").poweroff();
 }
+
+/// A VMM given the same data twice, by any names, is refused.
+fn refused_twice(first: &str, second: &str) -> String {
+    let args = [
+        "--mem-mib",
+        "64",
+        "--disk",
+        first,
+        "--disk",
+        second,
+        "--name",
+        "twice",
+    ];
+    let (status, stderr) = Vmm::probe("", &args).wait(T);
+    assert_eq!(status.code(), Some(2), "{first} + {second}: {stderr}");
+    stderr
+}
+
+#[test]
+fn the_same_data_given_twice_to_one_vmm_is_refused() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TempDir::new("lk-twice");
+    let img = image(&dir, "data.img");
+    let link = dir.join("link.img");
+    std::os::unix::fs::symlink(&img, &link).unwrap();
+    let twice = "is already open in this VM (the same disk given twice?)";
+    for (a, b) in [
+        (disk(&img, false), disk(&img, false)),
+        (disk(&img, true), disk(&link, false)),
+    ] {
+        let err = refused_twice(&a, &b);
+        assert!(err.contains(twice), "{err}");
+    }
+    if !have_loop_devices() {
+        return;
+    }
+    let lo = LoopDev::new(&img);
+    let alias = dir.join("alias");
+    mknod_alias(&alias, lo.dev());
+    let err = refused_twice(&disk(&img, false), &disk(lo.path(), false));
+    assert!(
+        err.contains(&format!(
+            "disk image {} is a loop device on {}, which {twice}",
+            lo.path().display(),
+            img.display()
+        )),
+        "{err}"
+    );
+    let err = refused_twice(&disk(lo.path(), false), &disk(&alias, true));
+    assert!(
+        err.contains(&format!("disk image {} {twice}", alias.display())),
+        "{err}"
+    );
+}

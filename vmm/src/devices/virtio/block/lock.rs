@@ -290,19 +290,17 @@ fn take_flock(file: &File, meta: &Metadata, access: Access) -> Result<(), ClaimE
         match e.raw_os_error() {
             Some(libc::EINTR) => continue,
             Some(libc::EWOULDBLOCK) => {
-                let pid = std::fs::read_to_string(Path::new(PROC).join("locks"))
+                let me = std::process::id();
+                let locks = std::fs::read_to_string(Path::new(PROC).join("locks"));
+                let pid = locks
                     .ok()
-                    .and_then(|locks| {
-                        holder::find_flock_holder(
-                            &locks,
-                            meta.dev(),
-                            meta.ino(),
-                            std::process::id(),
-                        )
-                    });
-                return Err(ClaimError::InUse(
-                    pid.map_or(InUse::FlockUnknown, InUse::Flock),
-                ));
+                    .and_then(|l| holder::find_flock_holder(&l, meta.dev(), meta.ino(), me));
+                return Err(ClaimError::InUse(match pid {
+                    // Only this VMM holds it: the same data named twice.
+                    Some(p) if p == me => InUse::Twice,
+                    Some(p) => InUse::Flock(p),
+                    None => InUse::FlockUnknown,
+                }));
             }
             _ => return Err(ClaimError::Lock(e)),
         }
