@@ -20,7 +20,9 @@
 //!     older one (flock only) still refuse each other, and because
 //!     /proc/locks names the pid behind a flock, which the message about a
 //!     second ksmvm then gives without searching every process's files.
-//!     flock and OFD locks do not interact on local file systems.
+//!     flock is taken first, then the image locks. The two do not
+//!     interact on local file systems; on NFS, Linux emulates flock with a
+//!     whole-file byte-range lock of the same owner (not tested here).
 //! * **A block device** is opened O_EXCL (Linux: an exclusive claim of the
 //!   device itself, not of the node): a device that is mounted, that a
 //!   device-mapper or md device sits on, or that another VM opened O_EXCL
