@@ -37,3 +37,23 @@ compile_error!("ksmvm needs a 64-bit target");
 pub const fn usize_of(v: u64) -> usize {
     v as usize
 }
+
+/// What a file type is, for errors ("a directory", "a FIFO", ...).
+pub fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "neither a file nor a device"
+    }
+}

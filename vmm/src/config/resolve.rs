@@ -94,28 +94,10 @@ fn check_file(origins: &Origins, key: &str, what: &str, path: &Path) -> Result<(
             format!(
                 "cannot open {what} {}: it is {}, not {wanted}",
                 path.display(),
-                file_kind(&m.file_type())
+                crate::file_kind(&m.file_type())
             ),
         )),
         Err(e) => Err(origins.invalid(key, format!("cannot open {what} {}: {e}", path.display()))),
-    }
-}
-
-/// What a file that is not a regular file is, for errors.
-fn file_kind(t: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_block_device() {
-        "a block device"
-    } else {
-        "neither a file nor a device"
     }
 }
 

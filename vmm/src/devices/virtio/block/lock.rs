@@ -159,25 +159,6 @@ pub fn open(path: &Path, access: Access) -> Result<Claimed, ClaimError> {
     })
 }
 
-/// What a file type is, for errors.
-fn kind(t: &std::fs::FileType) -> &'static str {
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_file() {
-        "a regular file"
-    } else {
-        "neither a file nor a device"
-    }
-}
-
 /// Opens a regular file or block device (O_EXCL) without side effects on
 /// anything else, and returns it with its metadata.
 fn open_node(path: &Path, access: Access) -> Result<(File, Metadata), ClaimError> {
@@ -185,7 +166,7 @@ fn open_node(path: &Path, access: Access) -> Result<(File, Metadata), ClaimError
     let t = before.file_type();
     let block = t.is_block_device();
     if !t.is_file() && !block {
-        return Err(ClaimError::NotADisk(kind(&t)));
+        return Err(ClaimError::NotADisk(crate::file_kind(&t)));
     }
     let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
     if block {

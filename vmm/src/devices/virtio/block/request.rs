@@ -305,14 +305,14 @@ pub fn execute(
     match op {
         Op::Answer(s) => *s,
         Op::Read { at, into } => {
-            let s = io("read", read(disk, mem, bounce, *at, into));
+            let s = io("read", transfer(disk, mem, bounce, *at, into, true));
             if s == Status::Ok {
                 counters.read_bytes.fetch_add(at.len, Ordering::Relaxed);
             }
             s
         }
         Op::Write { at, from } => {
-            let s = io("write", write(disk, mem, bounce, *at, from));
+            let s = io("write", transfer(disk, mem, bounce, *at, from, false));
             if s == Status::Ok {
                 counters.write_bytes.fetch_add(at.len, Ordering::Relaxed);
             }
@@ -351,43 +351,29 @@ fn guest_gone(_: super::sg::OutOfGuestMemory) -> std::io::Error {
     std::io::Error::other("a data buffer is outside guest memory")
 }
 
-/// Image range `at` into the guest's buffers, a chunk at a time.
-fn read(
+/// Moves image range `at` to (`to_guest`) or from the guest's buffers,
+/// a chunk at a time through `bounce`.
+fn transfer(
     disk: &DiskImage,
     mem: &GuestMemoryMmap,
     bounce: &mut Vec<u8>,
     at: Range,
-    into: &Buffers,
+    bufs: &Buffers,
+    to_guest: bool,
 ) -> std::io::Result<()> {
     bounce.resize(CHUNK, 0);
-    let mut cursor = into.cursor();
+    let mut cursor = bufs.cursor();
     let mut done = 0u64;
     while done < at.len {
         let n = usize::try_from(at.len - done).map_or(CHUNK, |left| left.min(CHUNK));
         let buf = &mut bounce[..n];
-        disk.read_exact_at(buf, at.offset + done)?;
-        cursor.write(mem, buf).map_err(guest_gone)?;
-        done += n as u64;
-    }
-    Ok(())
-}
-
-/// The guest's buffers into image range `at`, a chunk at a time.
-fn write(
-    disk: &DiskImage,
-    mem: &GuestMemoryMmap,
-    bounce: &mut Vec<u8>,
-    at: Range,
-    from: &Buffers,
-) -> std::io::Result<()> {
-    bounce.resize(CHUNK, 0);
-    let mut cursor = from.cursor();
-    let mut done = 0u64;
-    while done < at.len {
-        let n = usize::try_from(at.len - done).map_or(CHUNK, |left| left.min(CHUNK));
-        let buf = &mut bounce[..n];
-        cursor.read(mem, buf).map_err(guest_gone)?;
-        disk.write_all_at(buf, at.offset + done)?;
+        if to_guest {
+            disk.read_exact_at(buf, at.offset + done)?;
+            cursor.write(mem, buf).map_err(guest_gone)?;
+        } else {
+            cursor.read(mem, buf).map_err(guest_gone)?;
+            disk.write_all_at(buf, at.offset + done)?;
+        }
         done += n as u64;
     }
     Ok(())
