@@ -70,8 +70,14 @@ struct Input {
     rx_size: u8,
     tx_size: u8,
     chaos: bool,
+    /// The source MAC filter (`mac-filter=on`): frames from other MACs
+    /// must be dropped and counted as `tx_spoofed`.
+    filter: bool,
     ops: Vec<Op>,
 }
+
+/// The guest's MAC.
+const MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 
 struct Net2<'m> {
     d: Driver<'m>,
@@ -79,6 +85,7 @@ struct Net2<'m> {
     /// The device's end of the pair (a dup), to empty it on reset.
     ours: File,
     counters: Arc<NetCounters>,
+    filter: bool,
     /// Frames (>= header size) on their way to the guest, oldest first; the
     /// first may be held by the device already.
     fifo: VecDeque<Vec<u8>>,
@@ -124,11 +131,11 @@ impl Net2<'_> {
         let (q, sub) = self.d.submit(&b);
         let used_before = self.d.queues[q].gq.used_idx();
         let c = &self.counters;
-        let before =
-            [&c.tx_frames, &c.tx_errors, &c.tx_malformed].map(|a| a.load(Ordering::Relaxed));
+        let before = [&c.tx_frames, &c.tx_errors, &c.tx_malformed, &c.tx_spoofed]
+            .map(|a| a.load(Ordering::Relaxed));
         let snap = (!self.d.chaos).then(|| Snapshot::take(self.d.mem));
         // What a well-formed chain sends: its readable bytes.
-        let expected: Vec<Vec<u8>> = match &sub {
+        let well_formed: Vec<Vec<u8>> = match &sub {
             Submitted::Chains(chains) => chains
                 .iter()
                 .filter(|w| !w.info.descs.iter().any(|d| d.2))
@@ -145,6 +152,12 @@ impl Net2<'_> {
                 .collect(),
             Submitted::Corrupt => Vec::new(),
         };
+        // With the filter, only frames from the guest's own MAC go out.
+        let filter = self.filter;
+        let (expected, spoofed): (Vec<Vec<u8>>, Vec<Vec<u8>>) =
+            well_formed.into_iter().partition(|f| {
+                !filter || f.get(VNET_HDR_LEN + 6..VNET_HDR_LEN + 12) == Some(&MAC[..])
+            });
         self.d.h.kick(q);
         let got = drain(&mut self.peer);
         if self.d.chaos {
@@ -183,9 +196,10 @@ impl Net2<'_> {
             expected.is_empty() || !got.is_empty(),
             "no frame reached the backend"
         );
-        let after =
-            [&c.tx_frames, &c.tx_errors, &c.tx_malformed].map(|a| a.load(Ordering::Relaxed));
+        let after = [&c.tx_frames, &c.tx_errors, &c.tx_malformed, &c.tx_spoofed]
+            .map(|a| a.load(Ordering::Relaxed));
         assert_eq!(after[0] - before[0], got.len() as u64, "tx_frames");
+        assert_eq!(after[3] - before[3], spoofed.len() as u64, "tx_spoofed");
         assert_eq!(
             after[1] - before[1],
             (expected.len() - got.len()) as u64,
@@ -193,7 +207,7 @@ impl Net2<'_> {
         );
         assert_eq!(
             after[2] - before[2],
-            (chains.len() - expected.len()) as u64,
+            (chains.len() - expected.len() - spoofed.len()) as u64,
             "tx_malformed"
         );
         let allowed = [self.d.queues[q].used_ring_range()];
@@ -390,6 +404,12 @@ impl Net2<'_> {
             avail_skew: None,
         };
         drain(&mut self.peer);
+        // Its source address (bytes 6..12 after the 12-byte header, across
+        // both descriptors) is the guest's, which the filter lets through.
+        self.d
+            .mem
+            .write_slice(&MAC, GuestAddress(0x3_0000 + 18))
+            .unwrap();
         let sent_before = self.counters.tx_frames.load(Ordering::Relaxed);
         // tx() checks that the peer got exactly these 72 bytes.
         self.tx(&tx);
@@ -443,7 +463,11 @@ fuzz_target!(|input: Input| {
         file: ours,
         offloads: Arc::new(Mutex::new(Vec::new())),
     };
-    let net = Net::with_backend(Box::new(backend), MacAddr([2, 0, 0, 0, 0, 1]), NetPolicy::OPEN).expect("net");
+    let policy = NetPolicy {
+        filter_source_mac: input.filter,
+        ..NetPolicy::OPEN
+    };
+    let net = Net::with_backend(Box::new(backend), MacAddr(MAC), policy).expect("net");
     let counters = net.counters();
     let mem = guest_memory();
     let h = Harness::with_mem(net, mem.clone());
@@ -458,6 +482,7 @@ fuzz_target!(|input: Input| {
         peer,
         ours: ours_dup,
         counters,
+        filter: input.filter,
         fifo: VecDeque::new(),
         filler: 0,
     };
