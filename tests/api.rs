@@ -280,6 +280,48 @@ fn pause_resume_shutdown_and_socket_removal() {
 }
 
 #[test]
+fn concurrent_actions_leave_a_consistent_vm() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = RuntimeDir::new();
+    let vm = ApiVm::start(&dir, "racy");
+    // Three clients at once, each cycling through every action that
+    // changes state, out of phase with one another: every request succeeds
+    // (pause and resume are idempotent, merge changes are serialised).
+    let actions = [
+        Action::Pause,
+        Action::KsmUnmerge,
+        Action::Resume,
+        Action::KsmMerge,
+    ];
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..3 {
+            let vm = &vm;
+            s.spawn(move || {
+                let c = vm.client();
+                for i in 0..8 {
+                    let a = actions[(i + t) % actions.len()];
+                    c.action(a)
+                        .unwrap_or_else(|e| panic!("client {t}, {a:?} #{i}: {e}"));
+                }
+            });
+        }
+    });
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    let c = vm.client();
+    c.action(Action::Resume).unwrap();
+    c.action(Action::KsmMerge).unwrap();
+    let info = vm.info();
+    assert_eq!(info.state, VmState::Running);
+    assert_eq!(info.ksm, OnOff::On);
+    // The merge setting the VM reports is what guest RAM carries.
+    let flags = guest_ram_vmflags(vm.pid(), info.mem_mib);
+    assert!(flags.iter().any(|f| f == "mg"), "{flags:?}");
+}
+
+#[test]
 fn sigterm_and_guest_failure_remove_the_socket() {
     if !have_kvm() {
         return;
