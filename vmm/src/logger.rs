@@ -1,5 +1,11 @@
 //! A small stderr logger. Under systemd (JOURNAL_STREAM set) each line gets
 //! the `<N>` priority prefix journald understands.
+//! [`warn_ratelimited!`](crate::warn_ratelimited) is for conditions an
+//! outsider can repeat at will.
+
+mod ratelimit;
+
+pub use ratelimit::{RateLimiter, Verdict};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::io::Write;
