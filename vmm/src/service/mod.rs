@@ -2,9 +2,12 @@
 //! once the guest says it is up), a STATUS= line with the VM's memory,
 //! WATCHDOG=1 from the main loop, STOPPING=1 and a longer stop timeout while
 //! the guest shuts down. Outside systemd (no NOTIFY_SOCKET) it sends nothing.
+//! Notifications go through one socket opened at start ([`notify`]), so
+//! that a VMM at its fd limit still reaches systemd.
 
 mod marker;
 mod memstatus;
+pub mod notify;
 mod watchdog;
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -16,6 +19,7 @@ use sd_notify::NotifyState;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use marker::MarkerWatch;
+pub use notify::{Notifier, NotifyError};
 use watchdog::{Watchdog, WatchdogAction};
 
 use crate::config::SerialSink;
@@ -29,6 +33,14 @@ const STATUS_PERIOD: Duration = Duration::from_secs(5);
 /// VM and exiting after the guest's time is up.
 const STOP_MARGIN: Duration = Duration::from_secs(10);
 
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
+    #[error("cannot create the ready-marker eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// vCPUs not started, or waiting for the guest's ready marker.
@@ -38,6 +50,8 @@ enum Phase {
 }
 
 pub struct SystemdSupervisor {
+    /// None outside systemd.
+    notifier: Option<Notifier>,
     ready: ReadyMode,
     marker: Option<String>,
     /// Signalled by the MarkerWatch on the serial output.
@@ -68,12 +82,16 @@ impl SystemdSupervisor {
     pub fn new(
         service: &ServiceConfig,
         watchdog_stop_after: Option<Duration>,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, SupervisorError> {
         let ready_evt = match service.ready {
-            ReadyMode::Guest => Some(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
+            ReadyMode::Guest => Some(
+                EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                    .map_err(SupervisorError::EventFd)?,
+            ),
             ReadyMode::Running => None,
         };
         Ok(Self {
+            notifier: Notifier::from_env()?,
             ready: service.ready,
             marker: service.ready_marker.clone(),
             ready_evt,
@@ -108,7 +126,10 @@ impl SystemdSupervisor {
     }
 
     fn notify(&mut self, states: &[NotifyState]) {
-        if let Err(e) = sd_notify::notify(states) {
+        let Some(notifier) = &self.notifier else {
+            return;
+        };
+        if let Err(e) = notifier.send(states) {
             // Once at warn: a broken notify socket would repeat every tick.
             if self.notify_failed {
                 log::debug!("sd_notify failed: {e}");
