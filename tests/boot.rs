@@ -2,7 +2,7 @@
 //! KVM and reports what it received; guest failures become clear errors.
 
 use ksmvm_testkit::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const BOOT: Duration = Duration::from_secs(60);
 
@@ -249,6 +249,97 @@ fn a_paused_guest_runs_no_code_until_resumed() {
         status.success(),
         "SIGTERM while paused: {status:?} {stderr}"
     );
+}
+
+/// Polls the VMM's stderr until it contains `needle`.
+fn wait_stderr(vm: &mut Vmm, needle: &str, timeout: Duration) -> String {
+    let end = Instant::now() + timeout;
+    loop {
+        let stderr = vm.stderr_text();
+        if stderr.contains(needle) {
+            return stderr;
+        }
+        assert!(
+            Instant::now() < end,
+            "no {needle:?} on stderr within {timeout:?}:\n{}",
+            vm.context()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// On a pipe every guest line is marked `guest: `, so that no guest line can
+/// pass for a VMM log line or carry a journald `<N>` priority of its own,
+/// not even after a NUL (which ends a line for journald): the NUL ends the
+/// marked line and what follows is marked too.
+#[test]
+fn guest_lines_on_stdout_are_marked_and_cannot_forge_priorities() {
+    if !have_kvm() {
+        return;
+    }
+    let mut vm = Vmm::probe("", &["--mem-mib", "64"]);
+    let ready = vm.try_expect("PROBE READY", BOOT).expect("PROBE READY");
+    assert!(ready.marked, "{ready:?}");
+    vm.send("\0<3>ksmvm: error: forged by the guest");
+    // The probe echoes an unknown command: PROBE ERROR ... NUL <3>...
+    let echo = vm
+        .try_expect("PROBE ERROR unknown command", BOOT)
+        .expect("the probe's answer");
+    assert!(echo.marked, "{echo:?}");
+    let forged = vm.try_expect("<3>", BOOT).expect("the line after the NUL");
+    assert!(forged.marked, "{forged:?}");
+    assert_eq!(forged.text, "<3>ksmvm: error: forged by the guest");
+    assert!(
+        !vm.stderr_text().contains("forged"),
+        "guest output reached stderr"
+    );
+    vm.poweroff();
+}
+
+/// Serial output beyond --serial-rate-kib-s (after its burst) is dropped,
+/// and the VMM says so on stderr with a count; the guest runs on.
+#[test]
+fn serial_output_beyond_the_rate_limit_is_dropped_and_reported() {
+    if !have_kvm() {
+        return;
+    }
+    let mut vm = Vmm::probe(
+        "",
+        &[
+            "--mem-mib",
+            "64",
+            "--serial-rate-kib-s",
+            "1",
+            "--serial-burst-kib",
+            "1",
+        ],
+    );
+    vm.expect_line("PROBE READY", BOOT);
+    // 1000 answers of 11 bytes, far more than 1 KiB plus 1 KiB/s.
+    let pings = vec!["ping"; 1000].join("\n");
+    vm.send(&pings);
+    wait_stderr(
+        &mut vm,
+        "serial: guest output is over its limit (1 KiB/s, burst 1 KiB); the excess is dropped",
+        BOOT,
+    );
+    // Still answering, within the limit.
+    std::thread::sleep(Duration::from_secs(2));
+    vm.command("ping", "PROBE PONG");
+    let pongs = vm.seen.iter().filter(|l| *l == "PROBE PONG").count();
+    assert!(pongs < 1000, "{pongs} answers passed a 1 KiB/s limit");
+    vm.send("poweroff");
+    let (status, stderr) = vm.wait(BOOT);
+    assert!(status.success(), "{status:?} {stderr}");
+    // Started, then the count (every 10 s, and at exit): not one per drop.
+    let warnings = stderr.matches("serial: ").count();
+    assert!((2..=3).contains(&warnings), "{stderr}");
+    let total = stderr
+        .rsplit_once(" in all")
+        .and_then(|(l, _)| l.rsplit_once("; "))
+        .map(|(_, n)| n.parse::<u64>().unwrap())
+        .unwrap_or_else(|| panic!("no count of dropped bytes:\n{stderr}"));
+    assert!(total > 1000, "{total} bytes dropped:\n{stderr}");
 }
 
 #[test]

@@ -22,7 +22,6 @@ pub use marker::MarkerWatch;
 pub use notify::{Notifier, NotifyError};
 use watchdog::{Watchdog, WatchdogAction};
 
-use crate::config::SerialSink;
 use crate::config::{ReadyMode, ServiceConfig};
 use crate::devices::serial::SerialOut;
 use crate::vm::{Supervisor, VmHandle};
@@ -105,18 +104,12 @@ impl SystemdSupervisor {
         })
     }
 
-    /// Wraps the guest's serial sink so that the ready marker is seen.
-    ///
-    /// Guest output going to the journal is written a whole line at a time:
-    /// the VMM's log lines share that stream and would otherwise split the
-    /// guest's lines; journald records only whole lines anyway.
-    pub fn serial_tap(&self, sink: &SerialSink, out: SerialOut) -> std::io::Result<SerialOut> {
-        let out: SerialOut =
-            if *sink == SerialSink::Stdout && crate::logger::is_journal_stream(std::io::stdout()) {
-                Box::new(std::io::LineWriter::new(out))
-            } else {
-                out
-            };
+    /// Wraps the guest's serial sink so that the ready marker is seen (in
+    /// every byte the guest writes, also those the sink's rate limit drops).
+    /// Guest output on stdout is already written a whole marked line at a
+    /// time (devices::serial), so the VMM's own log lines, which share the
+    /// journal stream, never split a guest line.
+    pub fn serial_tap(&self, out: SerialOut) -> std::io::Result<SerialOut> {
         match (&self.ready_evt, &self.marker) {
             (Some(evt), Some(marker)) => {
                 Ok(Box::new(MarkerWatch::new(out, marker, evt.try_clone()?)))
