@@ -191,7 +191,8 @@ fn idle_probe_answers_serial_input_and_stops_on_sigterm() {
     if !have_kvm() {
         return;
     }
-    let mut vm = Vmm::probe("", &["--mem-mib", "64"]);
+    // The probe ignores Ctrl-Alt-Del: SIGTERM stops it at once with 0.
+    let mut vm = Vmm::probe("", &["--mem-mib", "64", "--shutdown-timeout-s", "0"]);
     vm.expect_line("PROBE READY", BOOT);
     vm.send("ping");
     vm.expect_line("PROBE PONG", BOOT);
@@ -218,7 +219,17 @@ fn a_paused_guest_runs_no_code_until_resumed() {
     if !have_kvm() {
         return;
     }
-    let mut vm = Vmm::probe("", &["--mem-mib", "64", "--vcpus", "2"]);
+    let mut vm = Vmm::probe(
+        "",
+        &[
+            "--mem-mib",
+            "64",
+            "--vcpus",
+            "2",
+            "--shutdown-timeout-s",
+            "0",
+        ],
+    );
     vm.expect_line("PROBE READY", BOOT);
     let api = vm.api("vm");
     // Pause returns once every vCPU has said it stopped running guest code.
@@ -266,6 +277,57 @@ fn wait_stderr(vm: &mut Vmm, needle: &str, timeout: Duration) -> String {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// SIGTERM asks the guest to shut down; the probe ignores Ctrl-Alt-Del, so
+/// the VM is stopped when shutdown_timeout_s runs out (exit 0). Without the
+/// flag the timeout is 30 s, and a second SIGTERM stops the VM at once.
+#[test]
+fn sigterm_stops_a_guest_that_ignores_it_after_the_shutdown_timeout() {
+    if !have_kvm() {
+        return;
+    }
+    let mut vm = Vmm::probe(
+        "",
+        &[
+            "--mem-mib",
+            "64",
+            "--shutdown-timeout-s",
+            "2",
+            "--log-level",
+            "info",
+        ],
+    );
+    vm.expect_line("PROBE READY", BOOT);
+    let t0 = Instant::now();
+    vm.terminate();
+    let (status, stderr) = vm.wait(BOOT);
+    let took = t0.elapsed();
+    assert!(status.success(), "{status:?} {stderr}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+        "SIGTERM to exit took {took:?}: {stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "asking the guest to shut down (Ctrl-Alt-Del); stopping the VM in 2 s at the latest"
+        ) && stderr.contains("the guest did not shut down within 2 s; stopping the VM"),
+        "{stderr}"
+    );
+
+    let mut vm = Vmm::probe("", &["--mem-mib", "64", "--log-level", "info"]);
+    vm.expect_line("PROBE READY", BOOT);
+    vm.terminate();
+    wait_stderr(&mut vm, "stopping the VM in 30 s at the latest", BOOT);
+    let t0 = Instant::now();
+    vm.terminate();
+    let (status, stderr) = vm.wait(BOOT);
+    assert!(status.success(), "{status:?} {stderr}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(
+        stderr.contains("received SIGTERM, stopping the VM"),
+        "{stderr}"
+    );
 }
 
 /// On a pipe every guest line is marked `guest: `, so that no guest line can

@@ -22,7 +22,7 @@ pub use ready::{ReadyMode, ReadyModeError};
 pub use resolve::{
     resolve, Instance, InstanceError, ServiceConfig, DEFAULT_MEM_MIB, DEFAULT_NAME,
     DEFAULT_SERIAL_BURST_KIB, DEFAULT_SERIAL_FILE_MAX_MIB, DEFAULT_SERIAL_RATE_KIB_S,
-    DEFAULT_VCPUS, MAX_SERIAL_LIMIT, MAX_SHUTDOWN_TIMEOUT_S,
+    DEFAULT_SHUTDOWN_TIMEOUT_S, DEFAULT_VCPUS, MAX_SERIAL_LIMIT, MAX_SHUTDOWN_TIMEOUT_S,
 };
 pub use settings::Settings;
 pub use vm_config::{

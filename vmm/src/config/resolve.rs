@@ -19,6 +19,10 @@ use super::{
 pub const DEFAULT_NAME: &str = "vm";
 pub const DEFAULT_MEM_MIB: u64 = 256;
 pub const DEFAULT_VCPUS: u32 = 1;
+/// A guest asked to shut down (SIGTERM: Ctrl-Alt-Del) gets this long: what
+/// a Linux guest under systemd needs to stop its services and sync, and
+/// what ksmvm@.service's TimeoutStopSec= leaves room for.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
 /// sd_notify's EXTEND_TIMEOUT_USEC is a u32 of microseconds (~71 min); an
 /// hour keeps the stop timeout we announce representable.
 pub const MAX_SHUTDOWN_TIMEOUT_S: u64 = 3600;
@@ -228,7 +232,7 @@ pub fn resolve(
         .validate(host)
         .map_err(|e| origins.invalid(config_error_key(&e), e.to_string()))?;
 
-    let timeout_s = s.shutdown_timeout_s.unwrap_or(0);
+    let timeout_s = s.shutdown_timeout_s.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_S);
     if timeout_s > MAX_SHUTDOWN_TIMEOUT_S {
         return Err(origins.invalid(
             "shutdown_timeout_s",

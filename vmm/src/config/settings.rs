@@ -79,8 +79,8 @@ pub struct Settings {
     /// The virtio entropy device: on or off [default: on].
     #[arg(long)]
     pub rng: Option<OnOff>,
-    /// Seconds a guest asked to shut down (SIGTERM) may take before the VM
-    /// is stopped; 0 stops it at once [default: 0].
+    /// Seconds a guest asked to shut down (SIGTERM: Ctrl-Alt-Del) may take
+    /// before the VM is stopped; 0 stops it at once [default: 30].
     #[arg(long, value_name = "SECONDS")]
     pub shutdown_timeout_s: Option<u64>,
     /// When to tell systemd the VM is ready: running (vCPUs started) or

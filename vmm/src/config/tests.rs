@@ -65,8 +65,16 @@ fn defaults_and_name_from_file() {
             file_max_bytes: 16 << 20,
         }
     );
-    assert_eq!(i.service.shutdown_timeout, Duration::ZERO);
+    // A graceful stop by default (ksmvm@.service's TimeoutStopSec= fits it).
+    assert_eq!(i.service.shutdown_timeout, Duration::from_secs(30));
     assert_eq!(i.service.ready, ReadyMode::Running);
+}
+
+#[test]
+fn shutdown_timeout_zero_still_means_at_once() {
+    let text = format!("kernel = \"{KERNEL}\"\nshutdown_timeout_s = 0\n");
+    let i = resolve_text(&text, Settings::default()).unwrap();
+    assert_eq!(i.service.shutdown_timeout, Duration::ZERO);
 }
 
 #[test]

@@ -29,8 +29,11 @@ use crate::vm::{Supervisor, VmHandle};
 /// How often the STATUS= memory line is refreshed.
 const STATUS_PERIOD: Duration = Duration::from_secs(5);
 /// Added to the shutdown timeout in EXTEND_TIMEOUT_USEC, for stopping the
-/// VM and exiting after the guest's time is up.
-const STOP_MARGIN: Duration = Duration::from_secs(10);
+/// VM and exiting after the guest's time is up: the devices' queued work,
+/// one fdatasync per writable disk. ksmvm@.service's TimeoutStopSec= covers
+/// the default timeout plus this plus a margin (checked by a test), for a
+/// stop whose EXTEND_TIMEOUT_USEC never arrived.
+pub const STOP_MARGIN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
@@ -252,3 +255,6 @@ impl Supervisor for SystemdSupervisor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
