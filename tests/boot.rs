@@ -2,7 +2,7 @@
 //! KVM and reports what it received; guest failures become clear errors.
 
 use ksmvm_testkit::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const BOOT: Duration = Duration::from_secs(60);
 
@@ -191,7 +191,8 @@ fn idle_probe_answers_serial_input_and_stops_on_sigterm() {
     if !have_kvm() {
         return;
     }
-    let mut vm = Vmm::probe("", &["--mem-mib", "64"]);
+    // The probe ignores Ctrl-Alt-Del: SIGTERM stops it at once with 0.
+    let mut vm = Vmm::probe("", &["--mem-mib", "64", "--shutdown-timeout-s", "0"]);
     vm.expect_line("PROBE READY", BOOT);
     vm.send("ping");
     vm.expect_line("PROBE PONG", BOOT);
@@ -218,7 +219,17 @@ fn a_paused_guest_runs_no_code_until_resumed() {
     if !have_kvm() {
         return;
     }
-    let mut vm = Vmm::probe("", &["--mem-mib", "64", "--vcpus", "2"]);
+    let mut vm = Vmm::probe(
+        "",
+        &[
+            "--mem-mib",
+            "64",
+            "--vcpus",
+            "2",
+            "--shutdown-timeout-s",
+            "0",
+        ],
+    );
     vm.expect_line("PROBE READY", BOOT);
     let api = vm.api("vm");
     // Pause returns once every vCPU has said it stopped running guest code.
@@ -249,6 +260,148 @@ fn a_paused_guest_runs_no_code_until_resumed() {
         status.success(),
         "SIGTERM while paused: {status:?} {stderr}"
     );
+}
+
+/// Polls the VMM's stderr until it contains `needle`.
+fn wait_stderr(vm: &mut Vmm, needle: &str, timeout: Duration) -> String {
+    let end = Instant::now() + timeout;
+    loop {
+        let stderr = vm.stderr_text();
+        if stderr.contains(needle) {
+            return stderr;
+        }
+        assert!(
+            Instant::now() < end,
+            "no {needle:?} on stderr within {timeout:?}:\n{}",
+            vm.context()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM asks the guest to shut down; the probe ignores Ctrl-Alt-Del, so
+/// the VM is stopped when shutdown_timeout_s runs out (exit 0). Without the
+/// flag the timeout is 30 s, and a second SIGTERM stops the VM at once.
+#[test]
+fn sigterm_stops_a_guest_that_ignores_it_after_the_shutdown_timeout() {
+    if !have_kvm() {
+        return;
+    }
+    let mut vm = Vmm::probe(
+        "",
+        &[
+            "--mem-mib",
+            "64",
+            "--shutdown-timeout-s",
+            "2",
+            "--log-level",
+            "info",
+        ],
+    );
+    vm.expect_line("PROBE READY", BOOT);
+    let t0 = Instant::now();
+    vm.terminate();
+    let (status, stderr) = vm.wait(BOOT);
+    let took = t0.elapsed();
+    assert!(status.success(), "{status:?} {stderr}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+        "SIGTERM to exit took {took:?}: {stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "asking the guest to shut down (Ctrl-Alt-Del); stopping the VM in 2 s at the latest"
+        ) && stderr.contains("the guest did not shut down within 2 s; stopping the VM"),
+        "{stderr}"
+    );
+
+    let mut vm = Vmm::probe("", &["--mem-mib", "64", "--log-level", "info"]);
+    vm.expect_line("PROBE READY", BOOT);
+    vm.terminate();
+    wait_stderr(&mut vm, "stopping the VM in 30 s at the latest", BOOT);
+    let t0 = Instant::now();
+    vm.terminate();
+    let (status, stderr) = vm.wait(BOOT);
+    assert!(status.success(), "{status:?} {stderr}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(
+        stderr.contains("received SIGTERM, stopping the VM"),
+        "{stderr}"
+    );
+}
+
+/// On a pipe every guest line is marked `guest: `, so that no guest line can
+/// pass for a VMM log line or carry a journald `<N>` priority of its own,
+/// not even after a NUL (which ends a line for journald): the NUL ends the
+/// marked line and what follows is marked too.
+#[test]
+fn guest_lines_on_stdout_are_marked_and_cannot_forge_priorities() {
+    if !have_kvm() {
+        return;
+    }
+    let mut vm = Vmm::probe("", &["--mem-mib", "64"]);
+    let ready = vm.try_expect("PROBE READY", BOOT).expect("PROBE READY");
+    assert!(ready.marked, "{ready:?}");
+    vm.send("\0<3>ksmvm: error: forged by the guest");
+    // The probe echoes an unknown command: PROBE ERROR ... NUL <3>...
+    let echo = vm
+        .try_expect("PROBE ERROR unknown command", BOOT)
+        .expect("the probe's answer");
+    assert!(echo.marked, "{echo:?}");
+    let forged = vm.try_expect("<3>", BOOT).expect("the line after the NUL");
+    assert!(forged.marked, "{forged:?}");
+    assert_eq!(forged.text, "<3>ksmvm: error: forged by the guest");
+    assert!(
+        !vm.stderr_text().contains("forged"),
+        "guest output reached stderr"
+    );
+    vm.poweroff();
+}
+
+/// Serial output beyond --serial-rate-kib-s (after its burst) is dropped,
+/// and the VMM says so on stderr with a count; the guest runs on.
+#[test]
+fn serial_output_beyond_the_rate_limit_is_dropped_and_reported() {
+    if !have_kvm() {
+        return;
+    }
+    let mut vm = Vmm::probe(
+        "",
+        &[
+            "--mem-mib",
+            "64",
+            "--serial-rate-kib-s",
+            "1",
+            "--serial-burst-kib",
+            "1",
+        ],
+    );
+    vm.expect_line("PROBE READY", BOOT);
+    // 1000 answers of 11 bytes, far more than 1 KiB plus 1 KiB/s.
+    let pings = vec!["ping"; 1000].join("\n");
+    vm.send(&pings);
+    wait_stderr(
+        &mut vm,
+        "serial: guest output is over its limit (1 KiB/s, burst 1 KiB); the excess is dropped",
+        BOOT,
+    );
+    // Still answering, within the limit.
+    std::thread::sleep(Duration::from_secs(2));
+    vm.command("ping", "PROBE PONG");
+    let pongs = vm.seen.iter().filter(|l| *l == "PROBE PONG").count();
+    assert!(pongs < 1000, "{pongs} answers passed a 1 KiB/s limit");
+    vm.send("poweroff");
+    let (status, stderr) = vm.wait(BOOT);
+    assert!(status.success(), "{status:?} {stderr}");
+    // Started, then the count (every 10 s, and at exit): not one per drop.
+    let warnings = stderr.matches("serial: ").count();
+    assert!((2..=3).contains(&warnings), "{stderr}");
+    let total = stderr
+        .rsplit_once(" in all")
+        .and_then(|(l, _)| l.rsplit_once("; "))
+        .map(|(_, n)| n.parse::<u64>().unwrap())
+        .unwrap_or_else(|| panic!("no count of dropped bytes:\n{stderr}"));
+    assert!(total > 1000, "{total} bytes dropped:\n{stderr}");
 }
 
 #[test]

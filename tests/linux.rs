@@ -53,6 +53,10 @@ fn debian_kernel_sees_our_cmdline_and_e820_map() {
         "3584".into(),
         "--log-level".into(),
         "info".into(),
+        // Without an init to shut down (early log only), SIGTERM stops the
+        // VM at once; a full boot powers off by itself.
+        "--shutdown-timeout-s".into(),
+        "0".into(),
     ];
     if let Some(i) = &initrd {
         args.extend(["--initrd".to_string(), i.clone()]);

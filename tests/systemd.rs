@@ -132,6 +132,16 @@ fn start_waits_for_the_guest(sd: &Sd) {
         !debug_only.ok(),
         "info lines must not be logged at notice or above"
     );
+    // Guest lines are marked, at the stream's default priority (info).
+    let probe_lines: Vec<&str> = journal.lines().filter(|l| l.contains("PROBE ")).collect();
+    assert!(
+        !probe_lines.is_empty() && probe_lines.iter().all(|l| l.starts_with("guest: PROBE ")),
+        "{journal}"
+    );
+    sd.ok("journalctl --no-pager -o cat -p info -u ksmvm@probe | grep -q '^guest: PROBE READY$'");
+    let above_info =
+        sd.run("journalctl --no-pager -o cat -p notice -u ksmvm@probe | grep -q '^guest: '");
+    assert!(!above_info.ok(), "guest lines must be logged at info");
 }
 
 /// A VMM killed with SIGKILL is restarted (Restart=on-failure).

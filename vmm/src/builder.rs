@@ -3,8 +3,6 @@
 //! kernel, initrd, command line, zero page, MP table and ACPI tables, the
 //! legacy and ACPI devices, and configured vCPUs.
 
-use std::fs::OpenOptions;
-use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -22,7 +20,7 @@ use crate::config::{SerialSink, ValidVmConfig, VmConfig};
 use crate::devices::acpi::{AcpiPm, PvPanic};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
-use crate::devices::serial::{SerialDevice, SerialOut};
+use crate::devices::serial::{open_output, SerialDevice, SerialOut, SerialStats};
 use crate::devices::virtio::{CreateError, ManagerError, VirtioDevices};
 use crate::memory::{self, MemoryError};
 use crate::outcome::{ExitStatus, HasExitStatus};
@@ -95,29 +93,14 @@ fn eventfd() -> Result<EventFd, BuildError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)
 }
 
-fn serial_out(sink: &SerialSink) -> Result<SerialOut, BuildError> {
-    Ok(match sink {
-        // Unbuffered: each guest byte reaches the host as soon as it is written.
-        SerialSink::Stdout => Box::new(std::fs::File::from(
-            std::io::stdout()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|source| BuildError::SerialFile {
-                    path: "stdout".into(),
-                    source,
-                })?,
-        )),
-        SerialSink::None => Box::new(std::io::sink()),
-        SerialSink::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| BuildError::SerialFile {
-                    path: path.clone(),
-                    source,
-                })?,
-        ),
+/// The guest's serial sink with its bounds (devices::serial::open_output).
+fn serial_out(config: &VmConfig) -> Result<(SerialOut, Arc<SerialStats>), BuildError> {
+    open_output(&config.serial, config.serial_limits).map_err(|source| BuildError::SerialFile {
+        path: match &config.serial {
+            SerialSink::File(p) => p.clone(),
+            _ => "stdout".into(),
+        },
+        source,
     })
 }
 
@@ -202,9 +185,11 @@ pub fn build_with(
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, IRQ_SERIAL)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+    let (serial_out, serial_stats) = serial_out(&config)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         serial_irq,
-        serial_tap(serial_out(&config.serial)?).map_err(BuildError::EventFd)?,
+        serial_tap(serial_out).map_err(BuildError::EventFd)?,
+        serial_stats,
     )));
     let kbd_irq = eventfd()?;
     vm.register_irqfd(&kbd_irq, IRQ_I8042)

@@ -1,5 +1,13 @@
 //! A small stderr logger. Under systemd (JOURNAL_STREAM set) each line gets
-//! the `<N>` priority prefix journald understands.
+//! the `<N>` priority prefix journald understands; elsewhere it starts with
+//! `ksmvm: LEVEL: `. Guest serial output on stdout is marked `guest: `
+//! instead (devices::serial), so the two cannot be mistaken for each other.
+//! [`warn_ratelimited!`](crate::warn_ratelimited) is for conditions an
+//! outsider can repeat at will.
+
+mod ratelimit;
+
+pub use ratelimit::{RateLimiter, Verdict};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::io::Write;

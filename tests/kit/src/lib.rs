@@ -40,4 +40,4 @@ pub use net::{recv_frame, send_frame, NetNs};
 pub use paths::{ksmvm, probe, repo_root};
 pub use probe::{field, hex_field, kernel_e820_line, parse_field, probe_args, write_pack};
 pub use proc::{proc_ksm_count, proc_ksm_stat};
-pub use vmm::{run_to_end, Launch, SerialLine, Vmm, WaitError};
+pub use vmm::{run_to_end, Launch, SerialLine, Vmm, WaitError, GUEST_LINE_PREFIX};

@@ -15,12 +15,13 @@
 //! connections cannot use up the fds that sd_notify and the devices need;
 //! headers must arrive within `header_read`, and a body within `body_read`
 //! (408 otherwise: a body trickled one byte at a time holds its slot no
-//! longer).
+//! longer). Accept failures (EMFILE while the process is at its fd limit)
+//! are logged a few at a time, with a count of the rest ([`AcceptLog`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -33,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, Semaphore};
 
 use super::handler::{Reply, MAX_BODY_BYTES};
+use crate::logger::{RateLimiter, Verdict};
 use crate::threads::{self, ThreadKind};
 
 /// Answers one request: (method, request target, body).
@@ -58,6 +60,53 @@ impl Default for Limits {
         }
     }
 }
+/// How long the server waits after a failed accept before the next one.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Accept failures logged per window; the rest are counted.
+const ACCEPT_LOG_BURST: u32 = 3;
+const ACCEPT_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// What to log about accept failures. A cause such as EMFILE (a client
+/// flood holding the process's fds) makes every accept fail for as long
+/// as it lasts: a few warnings per window, each later one with the count
+/// of failures it held back, and one line once accepting works again.
+#[derive(Debug)]
+struct AcceptLog {
+    limiter: RateLimiter,
+    /// Failures since the last successful accept.
+    failures: u64,
+}
+
+impl Default for AcceptLog {
+    fn default() -> Self {
+        Self {
+            limiter: RateLimiter::with_budget(ACCEPT_LOG_BURST, ACCEPT_LOG_WINDOW),
+            failures: 0,
+        }
+    }
+}
+
+impl AcceptLog {
+    /// The warning to log for this failure, if any.
+    fn failed(&mut self, e: &std::io::Error, now: Instant) -> Option<String> {
+        self.failures += 1;
+        match self.limiter.check_at(now) {
+            Verdict::Log { suppressed: 0 } => Some(format!("cannot accept a connection: {e}")),
+            Verdict::Log { suppressed } => Some(format!(
+                "cannot accept a connection: {e} ({suppressed} more failed accepts not logged)"
+            )),
+            Verdict::Suppress => None,
+        }
+    }
+
+    /// The line to log for a successful accept that ends a run of failures.
+    fn accepted(&mut self) -> Option<String> {
+        let failures = std::mem::take(&mut self.failures);
+        (failures > 0)
+            .then(|| format!("accepting connections again after {failures} failed accepts"))
+    }
+}
+
 /// How long stopping waits for replies in flight (e.g. the 204 of a
 /// shutdown); a client stuck mid-request cannot hold the VM's exit longer.
 const STOP_GRACE: Duration = Duration::from_millis(500);
@@ -181,6 +230,7 @@ async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut accept_log = AcceptLog::default();
     loop {
         // A free slot first: until one is, connections wait in the backlog.
         let slot = tokio::select! {
@@ -194,6 +244,9 @@ async fn serve(
             _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
+                    if let Some(msg) = accept_log.accepted() {
+                        log::info!("{msg}");
+                    }
                     let handler = handler.clone();
                     let body_read = limits.body_read;
                     let svc = hyper::service::service_fn(move |req| {
@@ -209,9 +262,11 @@ async fn serve(
                     });
                 }
                 Err(e) => {
+                    if let Some(msg) = accept_log.failed(&e, Instant::now()) {
+                        log::warn!("{msg}");
+                    }
                     // E.g. EMFILE: back off instead of spinning.
-                    log::warn!("cannot accept an API connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
         }

@@ -20,12 +20,13 @@ pub use host::HostLimits;
 pub use onoff::{OnOff, OnOffError};
 pub use ready::{ReadyMode, ReadyModeError};
 pub use resolve::{
-    resolve, Instance, InstanceError, ServiceConfig, DEFAULT_MEM_MIB, DEFAULT_NAME, DEFAULT_VCPUS,
-    MAX_SHUTDOWN_TIMEOUT_S,
+    resolve, Instance, InstanceError, ServiceConfig, DEFAULT_MEM_MIB, DEFAULT_NAME,
+    DEFAULT_SERIAL_BURST_KIB, DEFAULT_SERIAL_FILE_MAX_MIB, DEFAULT_SERIAL_RATE_KIB_S,
+    DEFAULT_SHUTDOWN_TIMEOUT_S, DEFAULT_VCPUS, MAX_SERIAL_LIMIT, MAX_SHUTDOWN_TIMEOUT_S,
 };
 pub use settings::Settings;
 pub use vm_config::{
-    validate_name, ConfigError, SerialSink, ValidVmConfig, VmConfig, DEFAULT_CMDLINE,
+    validate_name, ConfigError, SerialLimits, SerialSink, ValidVmConfig, VmConfig, DEFAULT_CMDLINE,
 };
 
 #[cfg(test)]

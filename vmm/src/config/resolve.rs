@@ -12,14 +12,30 @@ use std::time::Duration;
 use super::devices::DeviceSet;
 use super::file::InstanceFile;
 use super::host::HostLimits;
-use super::{ConfigError, OnOff, ReadyMode, SerialSink, Settings, ValidVmConfig, VmConfig};
+use super::{
+    ConfigError, OnOff, ReadyMode, SerialLimits, SerialSink, Settings, ValidVmConfig, VmConfig,
+};
 
 pub const DEFAULT_NAME: &str = "vm";
 pub const DEFAULT_MEM_MIB: u64 = 256;
 pub const DEFAULT_VCPUS: u32 = 1;
+/// A guest asked to shut down (SIGTERM: Ctrl-Alt-Del) gets this long: what
+/// a Linux guest under systemd needs to stop its services and sync, and
+/// what ksmvm@.service's TimeoutStopSec= leaves room for.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
 /// sd_notify's EXTEND_TIMEOUT_USEC is a u32 of microseconds (~71 min); an
 /// hour keeps the stop timeout we announce representable.
 pub const MAX_SHUTDOWN_TIMEOUT_S: u64 = 3600;
+/// Guest serial output: 64 KiB/s sustained is several times what a booting
+/// Linux writes (a 115200-baud UART carries 11 KiB/s); a 256 KiB burst
+/// takes a whole chatty boot log at once.
+pub const DEFAULT_SERIAL_RATE_KIB_S: u64 = 64;
+pub const DEFAULT_SERIAL_BURST_KIB: u64 = 256;
+/// A `file:` sink keeps 16 MiB in PATH and 16 MiB in PATH.1.
+pub const DEFAULT_SERIAL_FILE_MAX_MIB: u64 = 16;
+/// The largest value of each serial bound (KiB/s, KiB, MiB): 1 GiB/s, a
+/// 1 GiB burst, a 1 TiB file; above that, 0 (no limit) is what is meant.
+pub const MAX_SERIAL_LIMIT: u64 = 1 << 20;
 
 /// How the VMM behaves as a (systemd) service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +117,43 @@ fn check_file(origins: &Origins, key: &str, what: &str, path: &Path) -> Result<(
     }
 }
 
+/// The serial output bounds, validated.
+fn serial_limits(origins: &Origins, s: &Settings) -> Result<SerialLimits, InstanceError> {
+    let rate = s.serial_rate_kib_s.unwrap_or(DEFAULT_SERIAL_RATE_KIB_S);
+    let burst = s.serial_burst_kib.unwrap_or(DEFAULT_SERIAL_BURST_KIB);
+    let file_max = s.serial_file_max_mib.unwrap_or(DEFAULT_SERIAL_FILE_MAX_MIB);
+    let too_large = |key: &str, v: u64, unit: &str| {
+        origins.invalid(
+            key,
+            format!("{v} {unit} is too large: at most {MAX_SERIAL_LIMIT} {unit} (0: no limit)"),
+        )
+    };
+    if rate > MAX_SERIAL_LIMIT {
+        return Err(too_large("serial_rate_kib_s", rate, "KiB/s"));
+    }
+    if burst > MAX_SERIAL_LIMIT {
+        return Err(origins.invalid(
+            "serial_burst_kib",
+            format!("{burst} KiB is too large: at most {MAX_SERIAL_LIMIT} KiB"),
+        ));
+    }
+    if burst == 0 && rate > 0 {
+        return Err(origins.invalid(
+            "serial_burst_kib",
+            "a burst of 0 KiB lets no serial output through: at least 1 KiB \
+             (serial = \"none\" discards it all, serial_rate_kib_s = 0 lifts the limit)",
+        ));
+    }
+    if file_max > MAX_SERIAL_LIMIT {
+        return Err(too_large("serial_file_max_mib", file_max, "MiB"));
+    }
+    Ok(SerialLimits {
+        rate_bytes_s: rate << 10,
+        burst_bytes: burst << 10,
+        file_max_bytes: file_max << 20,
+    })
+}
+
 /// The key a validation error is about.
 fn config_error_key(e: &ConfigError) -> &'static str {
     match e {
@@ -125,6 +178,7 @@ pub fn resolve(
     let base = file.map(|f| f.settings.clone()).unwrap_or_default();
     let s = base.overlay(flags.clone());
     let devices = DeviceSet::from_settings(&s);
+    let serial_limits = serial_limits(&origins, &s)?;
 
     let Some(kernel) = s.kernel else {
         return Err(InstanceError::Invalid {
@@ -152,6 +206,7 @@ pub fn resolve(
         mem_mib: s.mem_mib.unwrap_or(DEFAULT_MEM_MIB),
         vcpus: s.vcpus.unwrap_or(DEFAULT_VCPUS),
         serial: s.serial.unwrap_or(SerialSink::Stdout),
+        serial_limits,
         ksm: s.ksm.unwrap_or(OnOff::On).is_on(),
         devices,
     };
@@ -159,7 +214,7 @@ pub fn resolve(
         .validate(host)
         .map_err(|e| origins.invalid(config_error_key(&e), e.to_string()))?;
 
-    let timeout_s = s.shutdown_timeout_s.unwrap_or(0);
+    let timeout_s = s.shutdown_timeout_s.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_S);
     if timeout_s > MAX_SHUTDOWN_TIMEOUT_S {
         return Err(origins.invalid(
             "shutdown_timeout_s",

@@ -43,8 +43,24 @@ pub struct Settings {
     #[arg(long)]
     pub ksm: Option<OnOff>,
     /// Guest serial output: stdout, file:PATH or none [default: stdout].
+    /// On a stdout that is not a terminal (the journal, a pipe) every guest
+    /// line is marked "guest: ".
     #[arg(long)]
     pub serial: Option<SerialSink>,
+    /// Guest serial output allowed per second, in KiB; what comes faster
+    /// (beyond --serial-burst-kib) is dropped and counted; 0: no limit
+    /// [default: 64].
+    #[arg(long, value_name = "KIB")]
+    pub serial_rate_kib_s: Option<u64>,
+    /// Guest serial output that may come at once above --serial-rate-kib-s,
+    /// in KiB [default: 256].
+    #[arg(long, value_name = "KIB")]
+    pub serial_burst_kib: Option<u64>,
+    /// With --serial file:PATH, the most PATH holds, in MiB: then it becomes
+    /// PATH.1 (replacing the previous one) and PATH starts again; 0: no cap
+    /// [default: 16].
+    #[arg(long, value_name = "MIB")]
+    pub serial_file_max_mib: Option<u64>,
     /// Control API socket (default: RUNTIME_DIR/NAME.sock, where RUNTIME_DIR
     /// is $KSMVM_RUNTIME_DIR or /run/ksmvm).
     #[arg(long)]
@@ -63,8 +79,8 @@ pub struct Settings {
     /// The virtio entropy device: on or off [default: on].
     #[arg(long)]
     pub rng: Option<OnOff>,
-    /// Seconds a guest asked to shut down (SIGTERM) may take before the VM
-    /// is stopped; 0 stops it at once [default: 0].
+    /// Seconds a guest asked to shut down (SIGTERM: Ctrl-Alt-Del) may take
+    /// before the VM is stopped; 0 stops it at once [default: 30].
     #[arg(long, value_name = "SECONDS")]
     pub shutdown_timeout_s: Option<u64>,
     /// When to tell systemd the VM is ready: running (vCPUs started) or
@@ -88,6 +104,9 @@ macro_rules! for_each_setting {
         $m!(vcpus);
         $m!(ksm);
         $m!(serial);
+        $m!(serial_rate_kib_s);
+        $m!(serial_burst_kib);
+        $m!(serial_file_max_mib);
         $m!(api_sock);
         $m!(disk);
         $m!(net);

@@ -57,8 +57,91 @@ fn defaults_and_name_from_file() {
     assert_eq!(i.vm.vcpus, DEFAULT_VCPUS);
     assert!(i.vm.ksm);
     assert_eq!(i.vm.serial, SerialSink::Stdout);
-    assert_eq!(i.service.shutdown_timeout, Duration::ZERO);
+    assert_eq!(
+        i.vm.serial_limits,
+        SerialLimits {
+            rate_bytes_s: 64 << 10,
+            burst_bytes: 256 << 10,
+            file_max_bytes: 16 << 20,
+        }
+    );
+    // A graceful stop by default (ksmvm@.service's TimeoutStopSec= fits it).
+    assert_eq!(i.service.shutdown_timeout, Duration::from_secs(30));
     assert_eq!(i.service.ready, ReadyMode::Running);
+}
+
+#[test]
+fn shutdown_timeout_zero_still_means_at_once() {
+    let text = format!("kernel = \"{KERNEL}\"\nshutdown_timeout_s = 0\n");
+    let i = resolve_text(&text, Settings::default()).unwrap();
+    assert_eq!(i.service.shutdown_timeout, Duration::ZERO);
+}
+
+#[test]
+fn serial_bounds_from_file_and_flags() {
+    let text = format!(
+        "kernel = \"{KERNEL}\"\nserial_rate_kib_s = 8\nserial_burst_kib = 32\nserial_file_max_mib = 0\n"
+    );
+    let i = resolve_text(&text, Settings::default()).unwrap();
+    assert_eq!(
+        i.vm.serial_limits,
+        SerialLimits {
+            rate_bytes_s: 8 << 10,
+            burst_bytes: 32 << 10,
+            file_max_bytes: 0,
+        }
+    );
+    let flags = Settings {
+        serial_rate_kib_s: Some(0),
+        ..Default::default()
+    };
+    let i = resolve_text(&text, flags).unwrap();
+    assert_eq!(i.vm.serial_limits.rate_bytes_s, 0, "0: no limit");
+}
+
+#[test]
+fn bad_serial_bounds_name_the_key() {
+    let bad = |extra: &str| {
+        resolve_text(
+            &format!("kernel = \"{KERNEL}\"\n{extra}\n"),
+            Settings::default(),
+        )
+        .unwrap_err()
+    };
+    let e = bad("serial_burst_kib = 0");
+    assert!(
+        e.starts_with(
+            "/etc/ksmvm/t.toml:2:20: serial_burst_kib: a burst of 0 KiB lets no serial output through"
+        ),
+        "{e}"
+    );
+    // With no rate limit the burst does not matter.
+    resolve_text(
+        &format!("kernel = \"{KERNEL}\"\nserial_rate_kib_s = 0\nserial_burst_kib = 0\n"),
+        Settings::default(),
+    )
+    .unwrap();
+    let e = bad("serial_rate_kib_s = 2000000");
+    assert!(
+        e.starts_with("/etc/ksmvm/t.toml:2:21: serial_rate_kib_s: 2000000 KiB/s is too large: at most 1048576 KiB/s (0: no limit)"),
+        "{e}"
+    );
+    let e = bad("serial_file_max_mib = 9999999");
+    assert!(
+        e.contains("serial_file_max_mib: 9999999 MiB is too large"),
+        "{e}"
+    );
+    let e = bad("serial_burst_kib = -1");
+    assert!(
+        e.starts_with("/etc/ksmvm/t.toml:2:20: serial_burst_kib: invalid value"),
+        "{e}"
+    );
+    let flags = Settings {
+        serial_burst_kib: Some(0),
+        ..Default::default()
+    };
+    let e = resolve_text(&format!("kernel = \"{KERNEL}\""), flags).unwrap_err();
+    assert!(e.starts_with("--serial-burst-kib: a burst of 0 KiB"), "{e}");
 }
 
 #[test]

@@ -57,6 +57,19 @@ impl From<SerialSink> for String {
     }
 }
 
+/// Bounds on guest serial output (devices::serial): a token bucket and,
+/// for `file:` sinks, a size cap with rotation to PATH.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SerialLimits {
+    /// Sustained bytes per second; beyond the burst, output is dropped and
+    /// counted. 0: no limit.
+    pub rate_bytes_s: u64,
+    /// Bytes that may come at once above the rate.
+    pub burst_bytes: u64,
+    /// The most a `file:` sink holds before it is rotated; 0: no cap.
+    pub file_max_bytes: u64,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("invalid VM name {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ - (not starting with '.' or '-')")]
@@ -87,6 +100,7 @@ pub struct VmConfig {
     pub mem_mib: u64,
     pub vcpus: u32,
     pub serial: SerialSink,
+    pub serial_limits: SerialLimits,
     /// Mark guest RAM MADV_MERGEABLE.
     pub ksm: bool,
     /// The virtio devices.
@@ -173,6 +187,11 @@ mod tests {
             mem_mib: 128,
             vcpus: 1,
             serial: SerialSink::Stdout,
+            serial_limits: SerialLimits {
+                rate_bytes_s: 0,
+                burst_bytes: 0,
+                file_max_bytes: 0,
+            },
             ksm: true,
             devices: DeviceSet::default(),
         }

@@ -1,8 +1,17 @@
 //! The 16550A UART at 0x3f8 (vm-superio's model), with guest output to the
 //! configured sink and host input fed in as the guest drains its FIFO.
+//! The sink and its bounds (rate limit, marked lines on stdout, rotation of
+//! `file:` sinks) are in [`output`].
+
+mod output;
+
+pub use output::{
+    marks_stdout, open as open_output, rotated_path, SerialStats, GUEST_LINE_PREFIX, MAX_LINE,
+};
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::Arc;
 
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -26,6 +35,8 @@ pub struct SerialDevice {
     uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, SerialOut>,
     /// Host input the FIFO could not take yet; never dropped.
     pending: VecDeque<u8>,
+    /// The output's counters (bytes written, dropped by the rate limit).
+    stats: Arc<SerialStats>,
 }
 
 // The UART holds the output sink, a trait object.
@@ -46,11 +57,19 @@ fn register(offset: u64, data_len: usize) -> Option<u8> {
 }
 
 impl SerialDevice {
-    pub fn new(irq: EventFd, out: SerialOut) -> Self {
+    /// A UART writing to `out`, whose counters are `stats` (see
+    /// [`open_output`]).
+    pub fn new(irq: EventFd, out: SerialOut, stats: Arc<SerialStats>) -> Self {
         Self {
             uart: Serial::new(EventFdTrigger(irq), out),
             pending: VecDeque::new(),
+            stats,
         }
+    }
+
+    /// The output's counters, to be read without the device's lock.
+    pub fn stats(&self) -> Arc<SerialStats> {
+        self.stats.clone()
     }
 
     /// Queues host input for the guest.
@@ -102,47 +121,4 @@ impl BusDevice for SerialDevice {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn output_reaches_sink_and_input_survives_a_full_fifo() {
-        let sink = Sink::default();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(sink.clone()));
-        for b in b"hi\n" {
-            dev.write(0, &[*b]);
-        }
-        assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
-
-        let input: Vec<u8> = (0..200u8).collect();
-        dev.write(1, &[1]); // IER: received-data interrupt
-        dev.queue_input(&input);
-        assert!(irq.read().unwrap() >= 1);
-        let mut got = Vec::new();
-        let mut lsr = [0u8];
-        loop {
-            dev.read(5, &mut lsr);
-            if lsr[0] & 1 == 0 {
-                break;
-            }
-            let mut b = [0u8];
-            dev.read(0, &mut b);
-            got.push(b[0]);
-        }
-        assert_eq!(got, input);
-    }
-}
+mod tests;

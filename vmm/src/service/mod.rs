@@ -2,9 +2,12 @@
 //! once the guest says it is up), a STATUS= line with the VM's memory,
 //! WATCHDOG=1 from the main loop, STOPPING=1 and a longer stop timeout while
 //! the guest shuts down. Outside systemd (no NOTIFY_SOCKET) it sends nothing.
+//! Notifications go through one socket opened at start ([`notify`]), so
+//! that a VMM at its fd limit still reaches systemd.
 
 mod marker;
 mod memstatus;
+pub mod notify;
 mod watchdog;
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -16,9 +19,9 @@ use sd_notify::NotifyState;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use marker::MarkerWatch;
+pub use notify::{Notifier, NotifyError};
 use watchdog::{Watchdog, WatchdogAction};
 
-use crate::config::SerialSink;
 use crate::config::{ReadyMode, ServiceConfig};
 use crate::devices::serial::SerialOut;
 use crate::vm::{Supervisor, VmHandle};
@@ -26,8 +29,19 @@ use crate::vm::{Supervisor, VmHandle};
 /// How often the STATUS= memory line is refreshed.
 const STATUS_PERIOD: Duration = Duration::from_secs(5);
 /// Added to the shutdown timeout in EXTEND_TIMEOUT_USEC, for stopping the
-/// VM and exiting after the guest's time is up.
-const STOP_MARGIN: Duration = Duration::from_secs(10);
+/// VM and exiting after the guest's time is up: the devices' queued work,
+/// one fdatasync per writable disk. ksmvm@.service's TimeoutStopSec= covers
+/// the default timeout plus this plus a margin (checked by a test), for a
+/// stop whose EXTEND_TIMEOUT_USEC never arrived.
+pub const STOP_MARGIN: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
+    #[error("cannot create the ready-marker eventfd: {0}")]
+    EventFd(std::io::Error),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -38,6 +52,8 @@ enum Phase {
 }
 
 pub struct SystemdSupervisor {
+    /// None outside systemd.
+    notifier: Option<Notifier>,
     ready: ReadyMode,
     marker: Option<String>,
     /// Signalled by the MarkerWatch on the serial output.
@@ -68,12 +84,16 @@ impl SystemdSupervisor {
     pub fn new(
         service: &ServiceConfig,
         watchdog_stop_after: Option<Duration>,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, SupervisorError> {
         let ready_evt = match service.ready {
-            ReadyMode::Guest => Some(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
+            ReadyMode::Guest => Some(
+                EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                    .map_err(SupervisorError::EventFd)?,
+            ),
             ReadyMode::Running => None,
         };
         Ok(Self {
+            notifier: Notifier::from_env()?,
             ready: service.ready,
             marker: service.ready_marker.clone(),
             ready_evt,
@@ -87,18 +107,12 @@ impl SystemdSupervisor {
         })
     }
 
-    /// Wraps the guest's serial sink so that the ready marker is seen.
-    ///
-    /// Guest output going to the journal is written a whole line at a time:
-    /// the VMM's log lines share that stream and would otherwise split the
-    /// guest's lines; journald records only whole lines anyway.
-    pub fn serial_tap(&self, sink: &SerialSink, out: SerialOut) -> std::io::Result<SerialOut> {
-        let out: SerialOut =
-            if *sink == SerialSink::Stdout && crate::logger::is_journal_stream(std::io::stdout()) {
-                Box::new(std::io::LineWriter::new(out))
-            } else {
-                out
-            };
+    /// Wraps the guest's serial sink so that the ready marker is seen (in
+    /// every byte the guest writes, also those the sink's rate limit drops).
+    /// Guest output on stdout is already written a whole marked line at a
+    /// time (devices::serial), so the VMM's own log lines, which share the
+    /// journal stream, never split a guest line.
+    pub fn serial_tap(&self, out: SerialOut) -> std::io::Result<SerialOut> {
         match (&self.ready_evt, &self.marker) {
             (Some(evt), Some(marker)) => {
                 Ok(Box::new(MarkerWatch::new(out, marker, evt.try_clone()?)))
@@ -108,7 +122,10 @@ impl SystemdSupervisor {
     }
 
     fn notify(&mut self, states: &[NotifyState]) {
-        if let Err(e) = sd_notify::notify(states) {
+        let Some(notifier) = &self.notifier else {
+            return;
+        };
+        if let Err(e) = notifier.send(states) {
             // Once at warn: a broken notify socket would repeat every tick.
             if self.notify_failed {
                 log::debug!("sd_notify failed: {e}");
@@ -238,3 +255,6 @@ impl Supervisor for SystemdSupervisor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

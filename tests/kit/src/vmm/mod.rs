@@ -8,7 +8,10 @@
 //! * Serial output is read as raw bytes (invalid UTF-8 is replaced, not an
 //!   end of output); every line is kept in [`Vmm::seen`] and stamped with
 //!   its arrival time, and the first byte's arrival is recorded (the boot
-//!   benchmark's figure).
+//!   benchmark's figure). ksmvm marks each guest line on a stdout that is
+//!   not a terminal with `guest: `; the kit takes the marker off (the
+//!   guest's text is what tests match) and says in [`SerialLine::marked`]
+//!   that it was there.
 //! * stderr is always captured (the whole of it, [`Vmm::stderr_text`]);
 //!   [`Launch::echo_stderr`] also copies it to this process's stderr.
 //!   [`Vmm::log_text`] is stderr then the serial lines, for VMMs started
@@ -31,7 +34,7 @@ mod launch;
 mod output;
 
 pub use launch::{contain, Launch};
-pub use output::{SerialLine, WaitError};
+pub use output::{SerialLine, WaitError, GUEST_LINE_PREFIX};
 
 use std::ffi::OsStr;
 use std::io::{self, Write};

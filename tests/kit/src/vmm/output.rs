@@ -10,11 +10,40 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::Instant;
 
+/// What ksmvm puts before every guest line on a stdout that is not a
+/// terminal (ksmvm::devices::serial::GUEST_LINE_PREFIX).
+pub const GUEST_LINE_PREFIX: &str = "guest: ";
+
 /// A line of serial output and when it arrived.
 #[derive(Debug, Clone)]
 pub struct SerialLine {
     pub at: Instant,
+    /// The guest's line, without ksmvm's [`GUEST_LINE_PREFIX`].
     pub text: String,
+    /// Whether the line carried the prefix (every guest line from ksmvm;
+    /// not what ksmvm itself prints on stdout, such as the exporter's
+    /// address, nor another VMM's output).
+    pub marked: bool,
+}
+
+impl SerialLine {
+    /// A line as read (without its `\r`), its prefix taken off.
+    fn new(at: Instant, raw: &[u8]) -> SerialLine {
+        let raw = String::from_utf8_lossy(raw);
+        let raw = raw.trim_end_matches('\r');
+        match raw.strip_prefix(GUEST_LINE_PREFIX) {
+            Some(text) => SerialLine {
+                at,
+                text: text.to_owned(),
+                marked: true,
+            },
+            None => SerialLine {
+                at,
+                text: raw.to_owned(),
+                marked: false,
+            },
+        }
+    }
 }
 
 /// Why a wait for a serial line (or for an exit) ended without it.
@@ -91,7 +120,8 @@ impl fmt::Display for Pattern<'_> {
 }
 
 /// Reads the serial console: records the first byte's arrival and sends
-/// whole lines (without `\r`), each stamped with its arrival time.
+/// whole lines (without `\r` and ksmvm's `guest: ` marker), each stamped
+/// with its arrival time.
 pub(super) fn read_serial(
     mut out: impl Read + Send + 'static,
     first: Arc<OnceLock<Instant>>,
@@ -111,11 +141,9 @@ pub(super) fn read_serial(
             let _ = first.set(at);
             for &b in &buf[..n] {
                 if b == b'\n' {
-                    let text = String::from_utf8_lossy(&line)
-                        .trim_end_matches('\r')
-                        .to_string();
+                    let l = SerialLine::new(at, &line);
                     line.clear();
-                    if tx.send(SerialLine { at, text }).is_err() {
+                    if tx.send(l).is_err() {
                         return;
                     }
                 } else {
@@ -124,13 +152,7 @@ pub(super) fn read_serial(
             }
         }
         if !line.is_empty() {
-            let text = String::from_utf8_lossy(&line)
-                .trim_end_matches('\r')
-                .to_string();
-            let _ = tx.send(SerialLine {
-                at: Instant::now(),
-                text,
-            });
+            let _ = tx.send(SerialLine::new(Instant::now(), &line));
         }
     });
     rx
@@ -158,4 +180,21 @@ pub(super) fn read_stderr(
         }
         done.store(true, Ordering::SeqCst);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guest_marker_is_taken_off_and_remembered() {
+        let now = Instant::now();
+        let l = SerialLine::new(now, b"guest: PROBE READY\r");
+        assert_eq!((l.text.as_str(), l.marked), ("PROBE READY", true));
+        let l = SerialLine::new(now, b"ksmvm exporter listening on http://x/metrics");
+        assert!(!l.marked);
+        assert_eq!(l.text, "ksmvm exporter listening on http://x/metrics");
+        let l = SerialLine::new(now, b"guest: guest: twice");
+        assert_eq!(l.text, "guest: twice", "only ksmvm's own marker");
+    }
 }

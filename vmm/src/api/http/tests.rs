@@ -95,3 +95,41 @@ fn connections_beyond_the_cap_wait_for_a_free_slot() {
     let line = status_line(&mut third, Duration::from_secs(5));
     assert_eq!(line.as_deref(), Some("HTTP/1.1 200 OK"));
 }
+
+#[test]
+fn accept_failures_are_logged_a_few_per_window_with_a_count() {
+    let mut log = AcceptLog::default();
+    let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+    let t0 = Instant::now();
+    // A flood: one failure per back-off for a whole window.
+    let per_window = ACCEPT_LOG_WINDOW.as_millis() / ACCEPT_BACKOFF.as_millis();
+    let per_window = u32::try_from(per_window).unwrap();
+    let logged: Vec<String> = (0..per_window)
+        .filter_map(|i| log.failed(&emfile, t0 + ACCEPT_BACKOFF * i))
+        .collect();
+    assert_eq!(logged.len(), ACCEPT_LOG_BURST as usize, "{logged:?}");
+    assert!(
+        logged[0].starts_with("cannot accept a connection: Too many open files"),
+        "{}",
+        logged[0]
+    );
+    // The next window's first warning counts what the last one held back.
+    let held_back = per_window - ACCEPT_LOG_BURST;
+    let next = log.failed(&emfile, t0 + ACCEPT_LOG_WINDOW).unwrap();
+    assert!(
+        next.ends_with(&format!("({held_back} more failed accepts not logged)")),
+        "{next}"
+    );
+    // Accepting again ends the run, once.
+    assert_eq!(
+        log.accepted().as_deref(),
+        Some(
+            format!(
+                "accepting connections again after {} failed accepts",
+                per_window + 1
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(log.accepted(), None);
+}

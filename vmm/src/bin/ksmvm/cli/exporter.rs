@@ -1,5 +1,7 @@
-//! `ksmvm exporter --listen ADDR`: one Prometheus endpoint for the host,
+//! `ksmvm exporter [--listen ADDR]`: one Prometheus endpoint for the host,
 //! with every VM's metrics (from their API sockets) and the host's KSM.
+//! It listens on loopback unless told otherwise: the endpoint has no
+//! authentication and names every VM on the host.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -14,6 +16,10 @@ use ksmvm::telemetry::{Exposition, HostSample, MetricKind, CONTENT_TYPE as METRI
 
 use super::fleet;
 use super::CliError;
+
+/// Where the exporter listens without --listen: loopback only (a local
+/// Prometheus, or an SSH tunnel or TLS proxy in front of it).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
 
 /// The whole host's exposition: every live VM, then the host's KSM.
 pub fn scrape(dir: &Path, ksm: &Ksm) -> String {
@@ -85,4 +91,29 @@ pub fn run(listen: SocketAddr, dir: PathBuf, out: &mut dyn Write) -> Result<(), 
     log::info!("received {}, stopping the exporter", sig.as_str());
     server.stop();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+
+    fn listen(args: &[&str]) -> std::net::SocketAddr {
+        match Cli::try_parse_from(args).unwrap().command {
+            Command::Exporter { listen } => listen,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn listens_on_loopback_unless_told_otherwise() {
+        let addr = listen(&["ksmvm", "exporter"]);
+        assert!(addr.ip().is_loopback(), "{addr}");
+        assert_eq!(addr.to_string(), super::DEFAULT_LISTEN);
+        assert_eq!(
+            listen(&["ksmvm", "exporter", "--listen", "0.0.0.0:9100"]).to_string(),
+            "0.0.0.0:9100"
+        );
+    }
 }

@@ -73,8 +73,11 @@ pub enum Command {
     },
     /// Serve Prometheus metrics of every VM and of the host's KSM over HTTP.
     Exporter {
-        /// Address to listen on, e.g. 127.0.0.1:9810 (port 0: any free port).
-        #[arg(long)]
+        /// Address to listen on (port 0: any free port). Loopback by default:
+        /// the metrics name every VM and have no authentication; give e.g.
+        /// 0.0.0.0:9464 or a private address only behind a firewall or a
+        /// TLS proxy (docs/api/README.md).
+        #[arg(long, default_value = exporter::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
     },
 }

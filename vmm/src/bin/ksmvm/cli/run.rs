@@ -28,9 +28,8 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let sink = inst.vm.serial.clone();
     let name = inst.vm.name.clone();
-    let vm = match ksmvm::builder::build_with(inst.vm, |out| sup.serial_tap(&sink, out)) {
+    let vm = match ksmvm::builder::build_with(inst.vm, |out| sup.serial_tap(out)) {
         Ok(vm) => vm,
         Err(e) => return fail(&e),
     };
