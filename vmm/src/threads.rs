@@ -17,6 +17,9 @@ pub enum ThreadKind {
     Vcpu(u32),
     /// Runs every virtio device's queues and event sources.
     VirtioDevices,
+    /// Runs one disk's reads, writes and flushes against its image (the
+    /// device loop parses requests and hands them over).
+    BlockIo,
     /// The control API's HTTP server (its tokio runtime).
     Api,
     /// The API's blocking pool: one request's handler (sampling, madvise).
@@ -34,6 +37,7 @@ impl ThreadKind {
         match self {
             ThreadKind::Vcpu(i) => format!("vcpu{i}"),
             ThreadKind::VirtioDevices => "virtio-devices".into(),
+            ThreadKind::BlockIo => "virtio-blk-io".into(),
             ThreadKind::Api => "api".into(),
             ThreadKind::ApiWorker => "api-worker".into(),
             ThreadKind::Exporter => "exporter".into(),
@@ -74,6 +78,7 @@ mod tests {
             ThreadKind::Vcpu(0),
             ThreadKind::Vcpu(254),
             ThreadKind::VirtioDevices,
+            ThreadKind::BlockIo,
             ThreadKind::Api,
             ThreadKind::ApiWorker,
             ThreadKind::Exporter,

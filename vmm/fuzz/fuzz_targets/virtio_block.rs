@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use ksmvm::devices::virtio::test_util::{r, w, Harness};
+use ksmvm::config::devices::Rate;
 use ksmvm::devices::virtio::{Block, DiskConfig};
 use ksmvm_fuzz::*;
 use libfuzzer_sys::fuzz_target;
@@ -267,14 +268,17 @@ fn well_formed(d: &mut Driver<'_>, ro: bool, round: u8) {
 fuzz_target!(|input: Input| {
     reset_disk();
     let cfg = DiskConfig {
-        path: disk().1.clone(),
         read_only: input.read_only,
         id: Some("fuzz-disk".to_string().try_into().unwrap()),
+        // Unlimited: the oracle expects every chain served in one kick.
+        bw: Some(Rate(0)),
+        iops: Some(Rate(0)),
+        ..DiskConfig::new(disk().1.clone())
     };
-    let block = Block::new(&cfg).expect("open the memfd image");
+    let mem = guest_memory();
+    let block = Block::new(&cfg, &mem).expect("open the memfd image");
     assert_eq!(block.capacity_sectors(), CAPACITY);
     let counters = block.counters();
-    let mem = guest_memory();
     let h = Harness::with_mem(block, mem.clone());
     let size = queue_size(input.queue_size, 256);
     let mut d = Driver::new(h, &mem, input.features, &[size], input.chaos);

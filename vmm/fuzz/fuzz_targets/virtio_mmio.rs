@@ -140,7 +140,7 @@ fn check(h: &mut Harness) {
 
 fuzz_target!(|input: Input| {
     let mem = guest_memory();
-    let mut h = Harness::with_mem(Rng::new(), mem.clone());
+    let mut h = Harness::with_mem(Rng::new().expect("rng timer"), mem.clone());
     let mut slots: Vec<GuestQueue<'_>> = (0..MAX_QUEUES)
         .map(|i| GuestQueue::new(&mem, RINGS + SLOT * i as u64, SLOT_QUEUE))
         .collect();

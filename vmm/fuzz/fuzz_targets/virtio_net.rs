@@ -26,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
-use ksmvm::devices::virtio::net::{NetCounters, MAX_FRAME_LEN, VNET_HDR_LEN};
+use ksmvm::devices::virtio::net::{NetCounters, NetPolicy, MAX_FRAME_LEN, VNET_HDR_LEN};
 use ksmvm::devices::virtio::test_util::{socketpair, Harness, SockBackend};
 use ksmvm::devices::virtio::{MacAddr, Net};
 use ksmvm_fuzz::*;
@@ -443,7 +443,7 @@ fuzz_target!(|input: Input| {
         file: ours,
         offloads: Arc::new(Mutex::new(Vec::new())),
     };
-    let net = Net::with_backend(Box::new(backend), MacAddr([2, 0, 0, 0, 0, 1]));
+    let net = Net::with_backend(Box::new(backend), MacAddr([2, 0, 0, 0, 0, 1]), NetPolicy::OPEN).expect("net");
     let counters = net.counters();
     let mem = guest_memory();
     let h = Harness::with_mem(net, mem.clone());

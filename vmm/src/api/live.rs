@@ -44,6 +44,7 @@ impl VmBackend for VmHandle {
         let mut stats = self.sample(STATS_DETAIL_MAX_AGE)?;
         // The guest's own view of its memory joins the host's.
         stats.balloon = balloon(self).and_then(|b| b.stats());
+        stats.devices = self.device_counters();
         Ok(stats)
     }
 

@@ -225,4 +225,16 @@ impl Supervisor for SystemdSupervisor {
         ]);
         self.last_status = status;
     }
+
+    fn finishing(&mut self) {
+        // The teardown is bounded (vCPUs joined, each disk's running request
+        // finished, fdatasync), but a VM that stopped by itself is still
+        // "running" to systemd: one last ping covers it.
+        if self.watchdog.is_some() {
+            self.notify(&[NotifyState::Watchdog]);
+        }
+        if self.phase != Phase::Stopping {
+            self.notify(&[NotifyState::Stopping]);
+        }
+    }
 }

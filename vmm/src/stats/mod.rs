@@ -112,6 +112,9 @@ pub struct VmStats {
     /// The guest's latest memory statistics from the balloon's stats queue.
     #[serde(default)]
     pub balloon: Option<crate::devices::virtio::BalloonStats>,
+    /// Every virtio device's counters (requests, bytes, throttled time).
+    #[serde(default)]
+    pub devices: Vec<crate::devices::virtio::DeviceCounters>,
 }
 
 impl KsmProcessStats {
@@ -185,6 +188,7 @@ impl VmStats {
             process_rss,
             detail_age_ms: None,
             balloon: None,
+            devices: Vec::new(),
         }
     }
 }

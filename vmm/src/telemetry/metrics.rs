@@ -255,6 +255,7 @@ impl Exposition {
             &l,
             s.ksm_saved_bytes,
         );
+        self.add_devices(&info.name, &s.devices);
         let Some(b) = &s.balloon else { return };
         self.gauge(
             "ksmvm_guest_free_bytes",

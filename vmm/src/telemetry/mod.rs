@@ -2,6 +2,7 @@
 //! and of the host, and one reading of the host's KSM state (counters,
 //! ksmd's CPU time) for the host-wide views (`top`, the exporter).
 
+mod device_metrics;
 mod host;
 mod metrics;
 

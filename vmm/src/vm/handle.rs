@@ -316,6 +316,11 @@ impl VmHandle {
         self.devices.iter()
     }
 
+    /// Every device's counters, for `/stats`.
+    pub fn device_counters(&self) -> Vec<crate::devices::virtio::DeviceCounters> {
+        self.devices.counters()
+    }
+
     /// Runs `f` on device `id`, which must be a `T`, under the device's lock.
     pub fn with_device<T: VirtioDevice, R>(
         &self,

@@ -131,6 +131,7 @@ impl RunningVm {
             }
             sup.tick(now);
         }
+        sup.finishing();
         Ok(self.finish())
     }
 

@@ -27,6 +27,9 @@ pub trait Supervisor {
     /// The VM is being stopped: the guest has `timeout` to shut down (zero:
     /// it is stopped at once).
     fn stopping(&mut self, _timeout: Duration) {}
+    /// The main loop has ended and the VM is being torn down (vCPUs joined,
+    /// disks flushed: bounded, about a second): the last word before exit.
+    fn finishing(&mut self) {}
 }
 
 /// For a VMM nobody supervises.

@@ -4,7 +4,7 @@
 use vm_memory::GuestMemoryMmap;
 
 use super::balloon::{Balloon, BalloonError};
-use super::block::{Block, ImageError};
+use super::block::{Block, BlockError, ImageError};
 use super::device::VirtioDevice;
 use super::net::{Net, TapError};
 use super::rng::Rng;
@@ -18,6 +18,20 @@ pub enum CreateError {
     Tap(#[from] TapError),
     #[error(transparent)]
     Balloon(#[from] BalloonError),
+    /// Not the user's input: the host could not start a device thread.
+    #[error(transparent)]
+    Thread(BlockError),
+    #[error("cannot create the rate limiter timer of a virtio device: {0}")]
+    Timer(#[source] std::io::Error),
+}
+
+impl From<BlockError> for CreateError {
+    fn from(e: BlockError) -> Self {
+        match e {
+            BlockError::Image(i) => CreateError::Disk(i),
+            other => CreateError::Thread(other),
+        }
+    }
 }
 
 /// Opens every device's host side (disk images, TAPs) and returns the
@@ -28,7 +42,7 @@ pub fn create(
 ) -> Result<Vec<Box<dyn VirtioDevice>>, CreateError> {
     let mut out: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for disk in &set.disks {
-        out.push(Box::new(Block::new(disk)?));
+        out.push(Box::new(Block::new(disk, mem)?));
     }
     for net in &set.nets {
         out.push(Box::new(Net::new(net)?));
@@ -37,7 +51,7 @@ pub fn create(
         out.push(Box::new(Balloon::new(b, mem)?.0));
     }
     if set.rng {
-        out.push(Box::new(Rng::new()));
+        out.push(Box::new(Rng::new().map_err(CreateError::Timer)?));
     }
     Ok(out)
 }

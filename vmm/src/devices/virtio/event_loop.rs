@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::limiter::RateLimiter;
 use super::mmio::MmioTransport;
 use crate::devices::bus::lock;
 
@@ -35,11 +36,19 @@ pub(crate) struct LoopDevice {
     pub transport: Arc<Mutex<MmioTransport>>,
     /// Queue i's notification EventFd (a clone of the one KVM signals).
     pub queue_evts: Vec<EventFd>,
+    /// How many queue notifications the device is served per second; a
+    /// queue notified beyond that waits (its EventFd out of the epoll set)
+    /// until the limiter's timer fires, and then is served once for all
+    /// the notifications that arrived meanwhile.
+    pub notify: RateLimiter,
+    /// Queues waiting for the notify limiter.
+    pub deferred: Vec<usize>,
 }
 
 const EXIT_TOKEN: u64 = u64::MAX;
 const KIND_QUEUE: u64 = 1;
 const KIND_SOURCE: u64 = 2;
+const KIND_NOTIFY_TIMER: u64 = 3;
 
 /// device index (32 bits) | kind (16 bits) | index within kind (16 bits).
 fn token(device: usize, kind: u64, index: usize) -> u64 {
@@ -126,6 +135,9 @@ pub(crate) fn spawn(devices: Vec<LoopDevice>) -> Result<EventLoopHandle, EventLo
             }
             add(src.fd, events, token(d, KIND_SOURCE, s))?;
         }
+        if let Some(fd) = dev.notify.timer_fd() {
+            add(fd, EventSet::IN, token(d, KIND_NOTIFY_TIMER, 0))?;
+        }
     }
     let thread = crate::threads::spawn(crate::threads::ThreadKind::VirtioDevices, move || {
         run(epoll, devices)
@@ -137,7 +149,19 @@ pub(crate) fn spawn(devices: Vec<LoopDevice>) -> Result<EventLoopHandle, EventLo
     })
 }
 
-fn run(epoll: Epoll, devices: Vec<LoopDevice>) -> Result<(), EventLoopError> {
+/// Watches (`IN`) or ignores (no events) a queue's EventFd.
+fn watch(epoll: &Epoll, evt: &EventFd, data: u64, on: bool) {
+    let events = if on { EventSet::IN } else { EventSet::empty() };
+    if let Err(e) = epoll.ctl(
+        ControlOperation::Modify,
+        evt.as_raw_fd(),
+        EpollEvent::new(events, data),
+    ) {
+        warn_ratelimited!("virtio: cannot change a queue notification's watch: {e}");
+    }
+}
+
+fn run(epoll: Epoll, mut devices: Vec<LoopDevice>) -> Result<(), EventLoopError> {
     let mut events = vec![EpollEvent::default(); 64];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -150,18 +174,36 @@ fn run(epoll: Epoll, devices: Vec<LoopDevice>) -> Result<(), EventLoopError> {
                 return Ok(());
             }
             let (d, kind, index) = untoken(ev.data());
-            let Some(dev) = devices.get(d) else { continue };
+            let Some(dev) = devices.get_mut(d) else {
+                continue;
+            };
             match kind {
                 KIND_QUEUE => {
+                    let Some(evt) = dev.queue_evts.get(index) else {
+                        continue;
+                    };
+                    if !dev.notify.admit() {
+                        // Left signalled: watching it again wakes us at once.
+                        watch(&epoll, evt, ev.data(), false);
+                        dev.deferred.push(index);
+                        continue;
+                    }
+                    dev.notify.charge(0);
                     // Consume first: a notification that arrives while the
                     // queue is served wakes us again, and the queue code
                     // rechecks the ring before it re-enables notifications.
-                    if let Some(evt) = dev.queue_evts.get(index) {
-                        let _ = evt.read();
-                    }
+                    let _ = evt.read();
                     lock(&dev.transport).process_queue(index);
                 }
                 KIND_SOURCE => lock(&dev.transport).handle_event(index),
+                KIND_NOTIFY_TIMER => {
+                    dev.notify.on_timer();
+                    for q in std::mem::take(&mut dev.deferred) {
+                        if let Some(evt) = dev.queue_evts.get(q) {
+                            watch(&epoll, evt, token(d, KIND_QUEUE, q), true);
+                        }
+                    }
+                }
                 _ => {}
             }
         }

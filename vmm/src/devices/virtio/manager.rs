@@ -23,11 +23,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::device::VirtioDevice;
 use super::event_loop::{self, EventLoopError, EventLoopHandle, LoopDevice};
 use super::interrupt::Interrupt;
+use super::limiter::{Limits, RateLimiter};
 use super::mmio::{MmioTransport, TransportError, REG_QUEUE_NOTIFY};
 use super::registry::Devices;
 use crate::arch::x86_64::layout::{
     virtio_irq, IRQ_ACPI_SCI, IRQ_MAX, IRQ_VIRTIO_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
+use crate::config::devices::NOTIFY_PER_S;
 use crate::devices::bus::{Bus, BusError};
 
 /// The KVM calls the manager needs; implemented for `VmFd`, faked in tests.
@@ -207,11 +209,18 @@ impl VirtioDevices {
             .insert(transport.clone(), info.mmio_base, info.mmio_size)
             .map_err(|source| ManagerError::Bus { index, source })?;
         cmdline_extra.push(info.cmdline());
+        let notify = RateLimiter::new(Limits {
+            bytes_per_s: None,
+            ops_per_s: Some(NOTIFY_PER_S),
+        })
+        .map_err(evt_err)?;
         self.devices.push((
             info,
             LoopDevice {
                 transport,
                 queue_evts: loop_evts,
+                notify,
+                deferred: Vec::new(),
             },
         ));
         Ok(info)
@@ -228,7 +237,7 @@ impl VirtioDevices {
         let mut registry = Devices::default();
         let mut loop_devices = Vec::with_capacity(self.devices.len());
         for (info, d) in self.devices {
-            registry.push(info, d.transport.clone());
+            registry.push(info, d.transport.clone(), d.notify.throttled_ns());
             loop_devices.push(d);
         }
         Ok((event_loop::spawn(loop_devices)?, registry))

@@ -192,34 +192,38 @@ impl MmioTransport {
 
     /// Runs the device on queue `index` (its notification fired).
     pub fn process_queue(&mut self, index: usize) {
-        if self.state != State::Active || index >= self.queues.len() {
-            return;
-        }
-        let mut ctx = QueueCtx::new(
-            &self.mem,
-            &mut self.queues,
-            &self.interrupt,
-            &self.queue_evts,
-        );
-        self.device.queue_notify(index, &mut ctx);
-        if ctx.is_broken() {
-            self.needs_reset("the driver corrupted a queue");
+        if self.state == State::Active && index < self.queues.len() {
+            self.run_device(|d, ctx| d.queue_notify(index, ctx));
         }
     }
 
     /// Runs the device on its event source `source` (it became readable).
     pub fn handle_event(&mut self, source: usize) {
-        if self.state != State::Active {
+        if self.state == State::Active {
+            self.run_device(|d, ctx| d.handle_event(source, Some(ctx)));
+        } else {
             self.device.handle_event(source, None);
-            return;
         }
+    }
+
+    /// Waits for the device's asynchronous requests and returns them to
+    /// the driver ([`VirtioDevice::drain_io`]).
+    pub fn drain_io(&mut self) {
+        if self.state == State::Active {
+            self.run_device(|d, ctx| d.drain_io(Some(ctx)));
+        } else {
+            self.device.drain_io(None);
+        }
+    }
+
+    fn run_device(&mut self, f: impl FnOnce(&mut dyn VirtioDevice, &mut QueueCtx<'_>)) {
         let mut ctx = QueueCtx::new(
             &self.mem,
             &mut self.queues,
             &self.interrupt,
             &self.queue_evts,
         );
-        self.device.handle_event(source, Some(&mut ctx));
+        f(self.device.as_mut(), &mut ctx);
         if ctx.is_broken() {
             self.needs_reset("the driver corrupted a queue");
         }

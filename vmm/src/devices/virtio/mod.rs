@@ -28,6 +28,7 @@ pub mod create;
 pub mod device;
 pub mod event_loop;
 pub mod interrupt;
+pub mod limiter;
 pub mod manager;
 pub mod mmio;
 pub mod net;
@@ -47,10 +48,12 @@ pub use create::{create, CreateError};
 pub use device::VirtioDevice;
 pub use event_loop::{EventLoopError, EventLoopHandle};
 pub use manager::{DeviceInfo, EventRegistrar, ManagerError, VirtioDevices};
-pub use registry::{kind_name, DeviceId, DeviceLookupError, Devices, BALLOON_ID};
+pub use registry::{
+    device_kind, kind_name, DeviceCounters, DeviceId, DeviceLookupError, Devices, BALLOON_ID,
+};
 
 pub use balloon::{Balloon, BalloonHandle, BalloonStats};
-pub use block::Block;
+pub use block::{Block, BlockError};
 pub use net::Net;
 pub use rng::Rng;
 

@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::Interrupt;
+use super::limiter::RateLimiter;
 
 /// A descriptor chain in guest memory.
 pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
@@ -167,12 +168,33 @@ pub fn drain<'a, F>(ctx: &mut QueueCtx<'a>, index: usize, mut handle: F)
 where
     F: FnMut(&'a GuestMemoryMmap, Chain<'a>) -> u32,
 {
+    drain_limited(ctx, index, &mut RateLimiter::unlimited(), |mem, chain| {
+        (handle(mem, chain), 0)
+    });
+}
+
+/// [`drain`] under a rate limiter: `handle` also returns the bytes to
+/// charge for the chain, and serving stops while `limiter` says wait (its
+/// timer, an event source of the device, brings the device back).
+pub fn drain_limited<'a, F>(
+    ctx: &mut QueueCtx<'a>,
+    index: usize,
+    limiter: &mut RateLimiter,
+    mut handle: F,
+) where
+    F: FnMut(&'a GuestMemoryMmap, Chain<'a>) -> (u32, u64),
+{
     let mut done = 0usize;
     let result: Result<(), QueueBroken> = (|| loop {
         ctx.disable_notification(index)?;
-        while let Some(chain) = ctx.pop(index)? {
+        loop {
+            if !limiter.admit() {
+                return Ok(());
+            }
+            let Some(chain) = ctx.pop(index)? else { break };
             let head = chain.head_index();
-            let len = handle(ctx.mem(), chain);
+            let (len, bytes) = handle(ctx.mem(), chain);
+            limiter.charge(bytes);
             ctx.add_used(index, head, len);
             done += 1;
             if done >= CHAIN_BUDGET {

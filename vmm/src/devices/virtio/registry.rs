@@ -2,6 +2,7 @@
 //! snapshot and hot-plug) can reach any device without a device-specific
 //! handle threaded through the VMM.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ids::{
@@ -29,6 +30,14 @@ pub fn kind_name(device_type: u32) -> &'static str {
     }
 }
 
+/// The device kind as `/stats` and `/metrics` name it.
+pub fn device_kind(device_type: u32) -> &'static str {
+    match device_type {
+        VIRTIO_ID_BLOCK => "block",
+        other => kind_name(other),
+    }
+}
+
 /// The balloon's id (a VM has at most one).
 pub const BALLOON_ID: &str = "balloon0";
 
@@ -44,6 +53,17 @@ struct Entry {
     id: DeviceId,
     info: DeviceInfo,
     transport: Arc<Mutex<MmioTransport>>,
+    /// Nanoseconds the event loop held the device's notifications back.
+    notify_throttled_ns: Arc<AtomicU64>,
+}
+
+/// One device's counters, as `/stats` reports them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceCounters {
+    pub id: DeviceId,
+    /// `block`, `net`, `balloon`, `rng`.
+    pub kind: String,
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// Every virtio device of a VM, by id.
@@ -66,6 +86,7 @@ impl Devices {
         &mut self,
         info: DeviceInfo,
         transport: Arc<Mutex<MmioTransport>>,
+        notify_throttled_ns: Arc<AtomicU64>,
     ) -> DeviceId {
         let kind = kind_name(info.device_type);
         let n = self
@@ -78,8 +99,34 @@ impl Devices {
             id: id.clone(),
             info,
             transport,
+            notify_throttled_ns,
         });
         id
+    }
+
+    /// Every device's counters (each read under its device's lock, which
+    /// the event loop holds only while it serves that device).
+    pub fn counters(&self) -> Vec<DeviceCounters> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let mut counters: std::collections::BTreeMap<String, u64> = lock(&e.transport)
+                    .device_mut()
+                    .counters()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect();
+                counters.insert(
+                    "notify_throttled_ms".into(),
+                    super::limiter::ms(&e.notify_throttled_ns),
+                );
+                DeviceCounters {
+                    id: e.id.clone(),
+                    kind: device_kind(e.info.device_type).into(),
+                    counters,
+                }
+            })
+            .collect()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&DeviceId, &DeviceInfo)> {

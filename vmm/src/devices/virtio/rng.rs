@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 
-use super::device::{ActivateError, VirtioDevice};
-use super::queue::{drain, Chain, QueueCtx};
+use super::device::{ActivateError, EventSource, VirtioDevice};
+use super::limiter::{ms, Limits, RateLimiter};
+use super::queue::{drain_limited, Chain, QueueCtx};
 use super::COMMON_FEATURES;
+use crate::config::devices::RNG_BYTES_PER_S;
 
 const QUEUE_SIZE: u16 = 64;
 /// The most one request gets. Linux asks for a few dozen bytes at a time;
@@ -26,13 +28,23 @@ pub struct RngCounters {
 #[derive(Debug)]
 pub struct Rng {
     counters: Arc<RngCounters>,
+    /// Entropy per second ([`RNG_BYTES_PER_S`]).
+    limiter: RateLimiter,
 }
 
 impl Rng {
-    pub fn new() -> Self {
-        Self {
+    pub fn new() -> std::io::Result<Self> {
+        Self::with_limits(Limits {
+            bytes_per_s: Some(RNG_BYTES_PER_S),
+            ops_per_s: None,
+        })
+    }
+
+    pub fn with_limits(limits: Limits) -> std::io::Result<Self> {
+        Ok(Self {
             counters: Arc::default(),
-        }
+            limiter: RateLimiter::new(limits)?,
+        })
     }
 
     pub fn counters(&self) -> Arc<RngCounters> {
@@ -67,12 +79,6 @@ impl Rng {
             .fetch_add(written as u64, Ordering::Relaxed);
         // At most MAX_BYTES_PER_REQUEST, which fits.
         u32::try_from(written).unwrap_or(u32::MAX)
-    }
-}
-
-impl Default for Rng {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -124,8 +130,41 @@ impl VirtioDevice for Rng {
 
     fn queue_notify(&mut self, index: usize, ctx: &mut QueueCtx<'_>) {
         if index == 0 {
-            drain(ctx, 0, |mem, chain| self.serve(mem, chain));
+            let mut limiter = std::mem::take(&mut self.limiter);
+            drain_limited(ctx, 0, &mut limiter, |mem, chain| {
+                let n = self.serve(mem, chain);
+                (n, u64::from(n))
+            });
+            self.limiter = limiter;
         }
+    }
+
+    fn event_sources(&self) -> Vec<EventSource> {
+        self.limiter
+            .timer_fd()
+            .map(|fd| EventSource {
+                fd,
+                edge_triggered: false,
+            })
+            .into_iter()
+            .collect()
+    }
+
+    fn handle_event(&mut self, _source: usize, ctx: Option<&mut QueueCtx<'_>>) {
+        self.limiter.on_timer();
+        if let Some(ctx) = ctx {
+            self.queue_notify(0, ctx);
+        }
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counters;
+        vec![
+            ("requests", c.requests.load(Ordering::Relaxed)),
+            ("bytes", c.bytes.load(Ordering::Relaxed)),
+            ("bad_chains", c.bad_chains.load(Ordering::Relaxed)),
+            ("throttled_ms", ms(&self.limiter.throttled_ns())),
+        ]
     }
 }
 

@@ -313,9 +313,11 @@ impl Harness {
         assert!(self.transport.is_active());
     }
 
-    /// Runs the device on queue `index`, as the event loop would.
+    /// Runs the device on queue `index`, as the event loop would, and
+    /// waits for what it runs asynchronously (a disk's I/O thread).
     pub fn kick(&mut self, index: usize) {
         self.transport.process_queue(index);
+        self.transport.drain_io();
     }
 
     /// Interrupts raised since the last call.

@@ -1,14 +1,16 @@
-//! One virtio-blk request: parse the chain, run it against the image, write
-//! the status byte.
+//! One virtio-blk request: parsed from its chain on the event loop
+//! ([`parse`]), run against the image on the disk's I/O thread
+//! ([`execute`]), its status byte written there too.
 //!
 //! The layout is not trusted (virtio 1.x allows any framing): the header is
 //! the first 16 readable bytes wherever they lie, OUT data the readable
 //! bytes after it, the status the last writable byte, and IN data the
 //! writable bytes before that. A chain whose buffers are not all in guest
 //! memory still gets VIRTIO_BLK_S_IOERR if its last writable byte can be
-//! found.
+//! found. Parsing touches only the header and discard segments; the data
+//! buffers are kept as guest addresses for the I/O thread, so that a chain
+//! costs the event loop the same whatever its size.
 
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_bindings::virtio_blk::{
@@ -17,18 +19,23 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::{Reader, Writer};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::image::DiskImage;
+use super::image::{DiskImage, Range};
+use super::sg::Buffers;
 use crate::devices::virtio::queue::Chain;
 
 /// The most segments one discard or write-zeroes request may carry.
 pub const MAX_DISCARD_SEGMENTS: u32 = 32;
 /// The most sectors one discard or write-zeroes segment may cover (2 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
-/// Bounce buffer size for data transfers.
-const CHUNK: usize = 128 * 1024;
+/// The largest data segment the device accepts (advertised as size_max).
+pub const MAX_SEGMENT_BYTES: u32 = 64 * 1024;
+/// The most data one read or write may carry: seg_max (254) segments of
+/// size_max. Linux never builds larger requests for these limits; anything
+/// larger (a hostile chain that names one buffer many times, say) is
+/// answered VIRTIO_BLK_S_IOERR without touching the image.
+pub const MAX_REQUEST_BYTES: u64 = 254 * MAX_SEGMENT_BYTES as u64;
 
 #[derive(Debug, Default)]
 pub struct BlockCounters {
@@ -42,10 +49,14 @@ pub struct BlockCounters {
     /// Chains that could not be answered at all (no writable byte for the
     /// status) or whose buffers were not in guest memory.
     pub bad_chains: AtomicU64,
+    /// Reads and writes refused for carrying more than MAX_REQUEST_BYTES.
+    pub too_large: AtomicU64,
+    /// Requests failed unexecuted because the VM was stopping.
+    pub failed_at_stop: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
+pub enum Status {
     Ok,
     IoErr,
     Unsupp,
@@ -56,7 +67,7 @@ impl Status {
         clippy::cast_possible_truncation,
         reason = "the virtio-blk status values are 0, 1 and 2"
     )]
-    fn byte(self) -> u8 {
+    pub fn byte(self) -> u8 {
         (match self {
             Status::Ok => VIRTIO_BLK_S_OK,
             Status::IoErr => VIRTIO_BLK_S_IOERR,
@@ -65,121 +76,152 @@ impl Status {
     }
 }
 
-/// What a request needs besides its chain.
+/// What a request asks of the image.
+#[derive(Debug)]
+pub enum Op {
+    Read {
+        at: Range,
+        into: Buffers,
+    },
+    Write {
+        at: Range,
+        from: Buffers,
+    },
+    Flush,
+    Discard(Vec<Range>),
+    WriteZeroes(Vec<Range>),
+    /// Decided while parsing (GET_ID, errors): only the status is written.
+    Answer(Status),
+}
+
+/// A parsed request, ready for the I/O thread.
+#[derive(Debug)]
+pub struct Request {
+    pub head: u16,
+    pub op: Op,
+    /// Where the status byte goes; None for a chain that cannot be answered.
+    pub status_at: Option<GuestAddress>,
+    /// The used length to report on success (data read + status).
+    pub used_len: u32,
+}
+
+impl Request {
+    /// Data bytes the request moves, for the rate limiter.
+    pub fn data_bytes(&self) -> u64 {
+        match &self.op {
+            Op::Read { at, .. } | Op::Write { at, .. } => at.len,
+            _ => 0,
+        }
+    }
+}
+
+/// What parsing needs besides the chain.
 pub struct Context<'a> {
     pub disk: &'a DiskImage,
     pub acked_features: u64,
     pub counters: &'a BlockCounters,
-    pub bounce: &'a mut Vec<u8>,
 }
 
-/// Serves one chain; returns the number of bytes written into it.
-pub fn handle(ctx: &mut Context<'_>, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
+fn answer(head: u16, status_at: Option<GuestAddress>, status: Status) -> Request {
+    Request {
+        head,
+        op: Op::Answer(status),
+        status_at,
+        used_len: u32::from(status_at.is_some()),
+    }
+}
+
+/// Parses one chain into a request.
+pub fn parse(ctx: &Context<'_>, mem: &GuestMemoryMmap, chain: Chain<'_>) -> Request {
     ctx.counters.requests.fetch_add(1, Ordering::Relaxed);
-    let fallback = chain.clone();
-    let (mut reader, mut data) = match (chain.clone().reader(mem), chain.writer(mem)) {
-        (Ok(r), Ok(w)) => (r, w),
-        _ => {
+    let head = chain.head_index();
+    let readable = Buffers::from_descriptors(chain.clone().readable());
+    let writable = Buffers::from_descriptors(chain.writable());
+    let (mut data_in, status_at) = match writable.split_last_byte() {
+        Some(split) => split,
+        None => {
+            // No byte to put the status in: nothing can be reported.
             ctx.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
-            return fail_without_writer(mem, fallback);
+            return answer(head, None, Status::IoErr);
         }
     };
-    let writable = data.available_bytes();
-    let Some(mut status_w) = writable.checked_sub(1).and_then(|n| data.split_at(n).ok()) else {
-        // No byte to put the status in: nothing can be reported.
+    let status_ok = mem.address_in_range(status_at);
+    if !status_ok || !readable.in_memory(mem) || !data_in.in_memory(mem) {
         ctx.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
-        return 0;
-    };
-    let status = execute(ctx, &mut reader, &mut data);
-    match status {
-        Status::Ok => {}
-        Status::IoErr => {
-            ctx.counters.io_errors.fetch_add(1, Ordering::Relaxed);
-        }
-        Status::Unsupp => {
-            ctx.counters.unsupported.fetch_add(1, Ordering::Relaxed);
-        }
+        return answer(head, status_ok.then_some(status_at), Status::IoErr);
     }
-    // The status byte was checked to be in guest memory when the writer was
-    // built, so this cannot fail.
-    let _ = status_w.write_all(&[status.byte()]);
-    // Bounded by the chain's total length, which virtio-queue caps at 4 GiB.
-    u32::try_from(data.bytes_written() + 1).unwrap_or(u32::MAX)
-}
-
-/// The chain had a buffer outside guest memory: report IOERR in the last
-/// byte of its last writable buffer, if that one is valid.
-fn fail_without_writer(mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
-    let Some(last) = chain.writable().last() else {
-        return 0;
-    };
-    let status_addr = last
-        .len()
-        .checked_sub(1)
-        .and_then(|off| last.addr().0.checked_add(u64::from(off)));
-    match status_addr {
-        Some(a)
-            if mem
-                .write_obj(Status::IoErr.byte(), vm_memory::GuestAddress(a))
-                .is_ok() =>
-        {
-            1
-        }
-        _ => 0,
-    }
-}
-
-fn execute(ctx: &mut Context<'_>, reader: &mut Reader<'_>, data: &mut Writer<'_>) -> Status {
+    let mut data_out = readable;
     let mut hdr = [0u8; 16];
-    if reader.read_exact(&mut hdr).is_err() {
+    if !data_out.read_front(mem, &mut hdr) {
         warn_ratelimited!("virtio-blk: request without a 16-byte header");
-        return Status::IoErr;
+        return answer(head, Some(status_at), Status::IoErr);
     }
     let [t0, t1, t2, t3, _, _, _, _, s @ ..] = hdr;
     let req_type = u32::from_le_bytes([t0, t1, t2, t3]);
     let sector = u64::from_le_bytes(s);
     let disk = ctx.disk;
-    match req_type {
-        VIRTIO_BLK_T_IN => {
-            let len = data.available_bytes() as u64;
-            match disk.range(sector, len) {
-                Some(r) => read(ctx, r.offset, r.len, data),
-                None => out_of_range("read", sector, len, disk),
+    let done = |status| answer(head, Some(status_at), status);
+    let op = match req_type {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+            let (what, bufs) = if req_type == VIRTIO_BLK_T_IN {
+                ("read", data_in)
+            } else {
+                ("write", data_out)
+            };
+            let len = bufs.len();
+            if len > MAX_REQUEST_BYTES {
+                ctx.counters.too_large.fetch_add(1, Ordering::Relaxed);
+                warn_ratelimited!(
+                    "virtio-blk: refusing a {len}-byte {what}: requests carry at most {MAX_REQUEST_BYTES} bytes"
+                );
+                return done(Status::IoErr);
             }
+            if req_type == VIRTIO_BLK_T_OUT && disk.read_only() {
+                return done(Status::IoErr);
+            }
+            let Some(at) = disk.range(sector, len) else {
+                return done(out_of_range(what, sector, len, disk));
+            };
+            if req_type == VIRTIO_BLK_T_IN {
+                let used_len = u32::try_from(len + 1).unwrap_or(u32::MAX);
+                return Request {
+                    head,
+                    op: Op::Read { at, into: bufs },
+                    status_at: Some(status_at),
+                    used_len,
+                };
+            }
+            Op::Write { at, from: bufs }
         }
-        VIRTIO_BLK_T_OUT => {
-            let len = reader.available_bytes() as u64;
-            if disk.read_only() {
-                return Status::IoErr;
-            }
-            match disk.range(sector, len) {
-                Some(r) => write(ctx, r.offset, r.len, reader),
-                None => out_of_range("write", sector, len, disk),
-            }
-        }
-        VIRTIO_BLK_T_FLUSH => {
-            if disk.read_only() {
-                return Status::Ok;
-            }
-            match disk.flush() {
-                Ok(()) => Status::Ok,
-                Err(e) => io_error("flush", e),
-            }
-        }
+        VIRTIO_BLK_T_FLUSH if disk.read_only() => Op::Answer(Status::Ok),
+        VIRTIO_BLK_T_FLUSH => Op::Flush,
         VIRTIO_BLK_T_GET_ID => {
-            let n = data.available_bytes().min(disk.id().len());
-            match data.write_all(&disk.id()[..n]) {
-                Ok(()) => Status::Ok,
-                Err(_) => Status::IoErr,
-            }
+            let n = data_in.write_front(mem, disk.id());
+            let used_len = u32::try_from(n + 1).unwrap_or(u32::MAX);
+            return Request {
+                used_len,
+                ..done(Status::Ok)
+            };
         }
         VIRTIO_BLK_T_DISCARD if ctx.acked_features & (1 << VIRTIO_BLK_F_DISCARD) != 0 => {
-            segments(ctx, reader, false)
+            match segments(disk, mem, &mut data_out, false) {
+                Ok(ranges) => Op::Discard(ranges),
+                Err(status) => Op::Answer(status),
+            }
         }
         VIRTIO_BLK_T_WRITE_ZEROES if ctx.acked_features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0 => {
-            segments(ctx, reader, true)
+            match segments(disk, mem, &mut data_out, true) {
+                Ok(ranges) => Op::WriteZeroes(ranges),
+                Err(status) => Op::Answer(status),
+            }
         }
-        _ => Status::Unsupp,
+        _ => Op::Answer(Status::Unsupp),
+    };
+    Request {
+        head,
+        op,
+        status_at: Some(status_at),
+        used_len: 1,
     }
 }
 
@@ -192,69 +234,33 @@ fn out_of_range(what: &str, sector: u64, len: u64, disk: &DiskImage) -> Status {
     Status::IoErr
 }
 
-fn io_error(what: &str, e: std::io::Error) -> Status {
-    warn_ratelimited!("virtio-blk: {what} failed: {e}");
-    Status::IoErr
-}
-
-fn read(ctx: &mut Context<'_>, offset: u64, len: u64, data: &mut Writer<'_>) -> Status {
-    ctx.bounce.resize(CHUNK, 0);
-    let mut done = 0u64;
-    while done < len {
-        let n = usize::try_from(len - done).map_or(CHUNK, |left| left.min(CHUNK));
-        let buf = &mut ctx.bounce[..n];
-        if let Err(e) = ctx.disk.read_exact_at(buf, offset + done) {
-            return io_error("read", e);
-        }
-        if data.write_all(buf).is_err() {
-            return Status::IoErr;
-        }
-        done += n as u64;
-    }
-    ctx.counters.read_bytes.fetch_add(len, Ordering::Relaxed);
-    Status::Ok
-}
-
-fn write(ctx: &mut Context<'_>, offset: u64, len: u64, src: &mut Reader<'_>) -> Status {
-    ctx.bounce.resize(CHUNK, 0);
-    let mut done = 0u64;
-    while done < len {
-        let n = usize::try_from(len - done).map_or(CHUNK, |left| left.min(CHUNK));
-        let buf = &mut ctx.bounce[..n];
-        if src.read_exact(buf).is_err() {
-            return Status::IoErr;
-        }
-        if let Err(e) = ctx.disk.write_all_at(buf, offset + done) {
-            return io_error("write", e);
-        }
-        done += n as u64;
-    }
-    ctx.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
-    Status::Ok
-}
-
 /// DISCARD or WRITE_ZEROES: an array of 16-byte
-/// `{ le64 sector; le32 num_sectors; le32 flags }` segments.
-fn segments(ctx: &mut Context<'_>, reader: &mut Reader<'_>, zeroes: bool) -> Status {
-    let disk = ctx.disk;
+/// `{ le64 sector; le32 num_sectors; le32 flags }` segments, validated here.
+fn segments(
+    disk: &DiskImage,
+    mem: &GuestMemoryMmap,
+    data: &mut Buffers,
+    zeroes: bool,
+) -> Result<Vec<Range>, Status> {
     if disk.read_only() {
-        return Status::IoErr;
+        return Err(Status::IoErr);
     }
-    let bytes = reader.available_bytes();
+    let bytes = data.len();
     let count = bytes / 16;
-    if bytes % 16 != 0 || count == 0 || count > MAX_DISCARD_SEGMENTS as usize {
+    if bytes % 16 != 0 || count == 0 || count > u64::from(MAX_DISCARD_SEGMENTS) {
         warn_ratelimited!("virtio-blk: discard/write-zeroes with {bytes} bytes of segments");
-        return Status::IoErr;
+        return Err(Status::IoErr);
     }
     let allowed_flags = if zeroes {
         VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
     } else {
         0
     };
+    let mut out = Vec::new();
     for _ in 0..count {
         let mut seg = [0u8; 16];
-        if reader.read_exact(&mut seg).is_err() {
-            return Status::IoErr;
+        if !data.read_front(mem, &mut seg) {
+            return Err(Status::IoErr);
         }
         let [s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, f0, f1, f2, f3] = seg;
         let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
@@ -263,26 +269,151 @@ fn segments(ctx: &mut Context<'_>, reader: &mut Reader<'_>, zeroes: bool) -> Sta
         // virtio 1.2, 5.2.6.2: unknown flags (and unmap on a discard) are
         // unsupported, not errors.
         if flags & !allowed_flags != 0 {
-            return Status::Unsupp;
+            return Err(Status::Unsupp);
         }
         if sectors > MAX_DISCARD_SECTORS {
-            return Status::IoErr;
+            return Err(Status::IoErr);
         }
         let Some(r) = disk.sector_range(sector, sectors) else {
-            return out_of_range("discard", sector, u64::from(sectors) * 512, disk);
+            return Err(out_of_range(
+                "discard",
+                sector,
+                u64::from(sectors) * 512,
+                disk,
+            ));
         };
-        let result = if zeroes {
-            disk.write_zeroes(r)
-        } else {
-            match disk.punch_hole(r) {
-                // Discard is a hint: a file system without holes may ignore it.
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
-                other => other,
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Runs a parsed request on the I/O thread; returns its status.
+pub fn execute(
+    disk: &DiskImage,
+    mem: &GuestMemoryMmap,
+    counters: &BlockCounters,
+    bounce: &mut Vec<u8>,
+    op: &Op,
+) -> Status {
+    let io = |what: &str, r: std::io::Result<()>| match r {
+        Ok(()) => Status::Ok,
+        Err(e) => {
+            warn_ratelimited!("virtio-blk: {what} failed: {e}");
+            Status::IoErr
+        }
+    };
+    match op {
+        Op::Answer(s) => *s,
+        Op::Read { at, into } => {
+            let s = io("read", read(disk, mem, bounce, *at, into));
+            if s == Status::Ok {
+                counters.read_bytes.fetch_add(at.len, Ordering::Relaxed);
             }
-        };
-        if let Err(e) = result {
-            return io_error(if zeroes { "write zeroes" } else { "discard" }, e);
+            s
+        }
+        Op::Write { at, from } => {
+            let s = io("write", write(disk, mem, bounce, *at, from));
+            if s == Status::Ok {
+                counters.write_bytes.fetch_add(at.len, Ordering::Relaxed);
+            }
+            s
+        }
+        Op::Flush => io("flush", disk.flush()),
+        Op::Discard(ranges) => {
+            for r in ranges {
+                match disk.punch_hole(*r) {
+                    // Discard is a hint: a file system without holes may ignore it.
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                    other => {
+                        if io("discard", other) != Status::Ok {
+                            return Status::IoErr;
+                        }
+                    }
+                }
+            }
+            Status::Ok
+        }
+        Op::WriteZeroes(ranges) => {
+            for r in ranges {
+                if io("write zeroes", disk.write_zeroes(*r)) != Status::Ok {
+                    return Status::IoErr;
+                }
+            }
+            Status::Ok
         }
     }
-    Status::Ok
+}
+
+/// Bounce buffer size for data transfers.
+const CHUNK: usize = 128 * 1024;
+
+fn guest_gone(_: super::sg::OutOfGuestMemory) -> std::io::Error {
+    std::io::Error::other("a data buffer is outside guest memory")
+}
+
+/// Image range `at` into the guest's buffers, a chunk at a time.
+fn read(
+    disk: &DiskImage,
+    mem: &GuestMemoryMmap,
+    bounce: &mut Vec<u8>,
+    at: Range,
+    into: &Buffers,
+) -> std::io::Result<()> {
+    bounce.resize(CHUNK, 0);
+    let mut cursor = into.cursor();
+    let mut done = 0u64;
+    while done < at.len {
+        let n = usize::try_from(at.len - done).map_or(CHUNK, |left| left.min(CHUNK));
+        let buf = &mut bounce[..n];
+        disk.read_exact_at(buf, at.offset + done)?;
+        cursor.write(mem, buf).map_err(guest_gone)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// The guest's buffers into image range `at`, a chunk at a time.
+fn write(
+    disk: &DiskImage,
+    mem: &GuestMemoryMmap,
+    bounce: &mut Vec<u8>,
+    at: Range,
+    from: &Buffers,
+) -> std::io::Result<()> {
+    bounce.resize(CHUNK, 0);
+    let mut cursor = from.cursor();
+    let mut done = 0u64;
+    while done < at.len {
+        let n = usize::try_from(at.len - done).map_or(CHUNK, |left| left.min(CHUNK));
+        let buf = &mut bounce[..n];
+        cursor.read(mem, buf).map_err(guest_gone)?;
+        disk.write_all_at(buf, at.offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Writes the status byte and counts the outcome; returns the used length.
+pub fn finish(mem: &GuestMemoryMmap, counters: &BlockCounters, req: &Request, s: Status) -> u32 {
+    match s {
+        Status::Ok => {}
+        Status::IoErr => {
+            counters.io_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        Status::Unsupp => {
+            counters.unsupported.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let Some(at) = req.status_at else {
+        return 0;
+    };
+    // Checked to be in guest memory when the request was parsed.
+    if mem.write_obj(s.byte(), at).is_err() {
+        return 0;
+    }
+    if s == Status::Ok {
+        req.used_len
+    } else {
+        1
+    }
 }

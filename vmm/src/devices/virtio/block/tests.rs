@@ -26,11 +26,7 @@ fn image(dir: &TempDir, name: &str) -> PathBuf {
 }
 
 fn cfg(path: &std::path::Path) -> DiskConfig {
-    DiskConfig {
-        path: path.to_owned(),
-        read_only: false,
-        id: None,
-    }
+    DiskConfig::new(path)
 }
 
 struct Up<'a> {
@@ -41,7 +37,7 @@ struct Up<'a> {
 }
 
 fn up_with<'a>(mem: &'a Arc<GuestMemoryMmap>, c: &DiskConfig, features: u64) -> Up<'a> {
-    let blk = Block::new(c).unwrap();
+    let blk = Block::new(c, mem).unwrap();
     let counters = blk.counters();
     let mut h = Harness::with_mem(blk, mem.clone());
     let q = GuestQueue::new(mem, 0x1_0000, 64);
@@ -142,7 +138,7 @@ fn capacity_ignores_a_partial_last_sector() {
     let dir = TempDir::new();
     let p = dir.path().join("odd.img");
     std::fs::write(&p, vec![0u8; 512 * 3 + 100]).unwrap();
-    let blk = Block::new(&cfg(&p)).unwrap();
+    let blk = Block::new(&cfg(&p), &guest_mem()).unwrap();
     assert_eq!(blk.capacity_sectors(), 3);
 }
 
@@ -437,8 +433,11 @@ fn writable_images_are_exclusive_and_read_only_ones_shared() {
         read_only: true,
         ..cfg(&p)
     };
-    let first = Block::new(&cfg(&p)).unwrap();
-    let err = Block::new(&cfg(&p)).err().unwrap().to_string();
+    let first = Block::new(&cfg(&p), &guest_mem()).unwrap();
+    let err = Block::new(&cfg(&p), &guest_mem())
+        .err()
+        .unwrap()
+        .to_string();
     assert_eq!(
         err,
         format!(
@@ -447,16 +446,19 @@ fn writable_images_are_exclusive_and_read_only_ones_shared() {
             std::process::id()
         )
     );
-    assert!(Block::new(&ro).is_err(), "reader while a writer holds it");
-    drop(first);
-    let r1 = Block::new(&ro).unwrap();
-    let _r2 = Block::new(&ro).unwrap();
     assert!(
-        Block::new(&cfg(&p)).is_err(),
+        Block::new(&ro, &guest_mem()).is_err(),
+        "reader while a writer holds it"
+    );
+    drop(first);
+    let r1 = Block::new(&ro, &guest_mem()).unwrap();
+    let _r2 = Block::new(&ro, &guest_mem()).unwrap();
+    assert!(
+        Block::new(&cfg(&p), &guest_mem()).is_err(),
         "writer while readers hold it"
     );
     drop((r1, _r2));
-    Block::new(&cfg(&p)).unwrap();
+    Block::new(&cfg(&p), &guest_mem()).unwrap();
 }
 
 #[test]
@@ -478,7 +480,7 @@ fn a_lock_held_by_another_process_names_its_pid() {
     };
     let mut err = String::new();
     for _ in 0..200 {
-        match Block::new(&cfg(&p)) {
+        match Block::new(&cfg(&p), &guest_mem()) {
             Err(e) => {
                 err = e.to_string();
                 break;
@@ -503,11 +505,87 @@ fn a_lock_held_by_another_process_names_its_pid() {
 fn open_errors_name_the_path() {
     let dir = TempDir::new();
     let missing = dir.path().join("missing.img");
-    let e = Block::new(&cfg(&missing)).err().unwrap().to_string();
+    let e = Block::new(&cfg(&missing), &guest_mem())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.starts_with(&format!("cannot open disk image {}", missing.display())),
         "{e}"
     );
-    let e = Block::new(&cfg(dir.path())).err().unwrap().to_string();
+    let e = Block::new(&cfg(dir.path()), &guest_mem())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains(&dir.path().display().to_string()), "{e}");
+}
+
+#[test]
+fn requests_larger_than_the_maximum_are_refused_without_touching_the_image() {
+    let dir = TempDir::new();
+    let p = image(&dir, "a.img");
+    let mem = guest_mem();
+    let mut u = up(&mem, &cfg(&p));
+    assert_eq!(
+        u.h.config(8, 4),
+        MAX_SEGMENT_BYTES.to_le_bytes(),
+        "size_max bounds what Linux puts in one segment"
+    );
+    assert_ne!(u.h.device_features() & 1 << VIRTIO_BLK_F_SIZE_MAX, 0);
+    // 17 descriptors naming one 1 MiB buffer: 17 MiB of reads from a
+    // 128 KiB image, the aliasing attack in small.
+    let alias: Vec<Desc> = (0..17).map(|_| w(BUF, 1 << 20)).collect();
+    assert_eq!(u.request(VIRTIO_BLK_T_IN, 0, &alias), (IOERR, 1));
+    let alias: Vec<Desc> = (0..17).map(|_| r(BUF, 1 << 20)).collect();
+    assert_eq!(u.request(VIRTIO_BLK_T_OUT, 0, &alias), (IOERR, 1));
+    assert_eq!(u.counters.too_large.load(Ordering::Relaxed), 2);
+    assert_eq!(u.counters.read_bytes.load(Ordering::Relaxed), 0);
+    assert_eq!(u.counters.write_bytes.load(Ordering::Relaxed), 0);
+    // The largest request that is allowed still works (aliased reads of
+    // one 64 KiB sector range).
+    let ok: Vec<Desc> = (0..2).map(|_| w(BUF, 64 * 1024)).collect();
+    assert_eq!(u.request(VIRTIO_BLK_T_IN, 0, &ok), (OK, 128 * 1024 + 1));
+}
+
+#[test]
+fn a_rate_limited_disk_leaves_requests_in_the_ring_until_its_timer_fires() {
+    let dir = TempDir::new();
+    let p = image(&dir, "a.img");
+    let mem = guest_mem();
+    let c = DiskConfig {
+        iops: Some(crate::config::devices::Rate(5)),
+        ..cfg(&p)
+    };
+    let mut u = up(&mem, &c);
+    let heads: Vec<u16> = (0..6)
+        .map(|_| {
+            u.header(VIRTIO_BLK_T_IN, 0);
+            u.q.add(&[r(HDR, 16), w(BUF, 512), w(STATUS, 1)])
+        })
+        .collect();
+    u.h.kick(0);
+    assert_eq!(
+        u.q.used_idx(),
+        5,
+        "a full bucket holds one second: 5 requests"
+    );
+    let timer = u.h.transport.event_sources()[1].fd;
+    let t0 = std::time::Instant::now();
+    assert!(
+        wait_readable(timer, 2000),
+        "the limiter's timer never fired"
+    );
+    let waited = t0.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(100),
+        "one request at 5/s waits ~200 ms, not {waited:?}"
+    );
+    u.h.transport.handle_event(1);
+    u.h.transport.drain_io();
+    assert_eq!(u.q.used_idx(), 6);
+    assert_eq!(u.q.last_used().0, u32::from(heads[5]));
+    let stats: std::collections::HashMap<_, _> =
+        u.h.transport.device_mut().counters().into_iter().collect();
+    assert!(stats["throttled_ms"] >= 100, "{stats:?}");
+    assert_eq!(stats["requests"], 6);
 }

@@ -13,7 +13,7 @@ use super::*;
 use crate::config::devices::{BalloonConfig, MacAddr};
 use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::mmio::*;
-use crate::devices::virtio::net::Net;
+use crate::devices::virtio::net::{Net, NetPolicy};
 use crate::devices::virtio::registry::{DeviceLookupError, BALLOON_ID};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::test_util::*;
@@ -55,7 +55,7 @@ fn devices_get_consecutive_windows_irqs_and_cmdline_entries() {
     let vm = FakeVm::default();
     let mut cmdline = vec!["console=ttyS0".to_owned()];
     let a = devices
-        .add(Rng::new(), &mut bus, &vm, &mut cmdline)
+        .add(Rng::new().unwrap(), &mut bus, &vm, &mut cmdline)
         .unwrap();
     let (balloon, _) = Balloon::new(&BalloonConfig::default(), &mem).unwrap();
     let b = devices.add(balloon, &mut bus, &vm, &mut cmdline).unwrap();
@@ -66,7 +66,9 @@ fn devices_get_consecutive_windows_irqs_and_cmdline_entries() {
             offloads: Arc::default(),
         }),
         MacAddr([6, 0, 0, 0, 0, 1]),
-    );
+        NetPolicy::OPEN,
+    )
+    .unwrap();
     let c = devices.add(net, &mut bus, &vm, &mut cmdline).unwrap();
     assert_eq!(
         cmdline,
@@ -122,7 +124,7 @@ fn the_irq_range_limits_the_device_count() {
     let mut cmdline = Vec::new();
     for _ in 0..MAX_DEVICES {
         devices
-            .add(Rng::new(), &mut bus, &vm, &mut cmdline)
+            .add(Rng::new().unwrap(), &mut bus, &vm, &mut cmdline)
             .unwrap();
     }
     assert_eq!(MAX_DEVICES, 18);
@@ -134,7 +136,7 @@ fn the_irq_range_limits_the_device_count() {
     assert_eq!(cmdline[4], "virtio_mmio.device=4K@0xc0004000:10");
     assert!(!cmdline.iter().any(|c| c.ends_with(":9")));
     let e = devices
-        .add(Rng::new(), &mut bus, &vm, &mut cmdline)
+        .add(Rng::new().unwrap(), &mut bus, &vm, &mut cmdline)
         .unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -154,7 +156,7 @@ fn kvm_errors_are_reported_and_leave_no_cmdline_entry() {
     };
     let mut cmdline = Vec::new();
     let e = devices
-        .add(Rng::new(), &mut bus, &vm, &mut cmdline)
+        .add(Rng::new().unwrap(), &mut bus, &vm, &mut cmdline)
         .unwrap_err();
     assert!(
         e.to_string()
@@ -212,7 +214,7 @@ fn the_event_loop_serves_queues_sources_and_config_changes() {
     let vm = FakeVm::default();
     let mut cmdline = Vec::new();
     devices
-        .add(Rng::new(), &mut bus, &vm, &mut cmdline)
+        .add(Rng::new().unwrap(), &mut bus, &vm, &mut cmdline)
         .unwrap();
     let (ours, mut peer) = socketpair();
     let net = Net::with_backend(
@@ -221,7 +223,9 @@ fn the_event_loop_serves_queues_sources_and_config_changes() {
             offloads: Arc::default(),
         }),
         MacAddr([6, 0, 0, 0, 0, 1]),
-    );
+        NetPolicy::OPEN,
+    )
+    .unwrap();
     devices.add(net, &mut bus, &vm, &mut cmdline).unwrap();
     let (balloon, _) = Balloon::new(&BalloonConfig::default(), &mem).unwrap();
     devices.add(balloon, &mut bus, &vm, &mut cmdline).unwrap();
@@ -317,7 +321,7 @@ fn registers_with_a_real_kvm_vm() {
     let mut bus = Bus::new();
     let mut cmdline = Vec::new();
     devices
-        .add(Rng::new(), &mut bus, &vm, &mut cmdline)
+        .add(Rng::new().unwrap(), &mut bus, &vm, &mut cmdline)
         .unwrap();
     let (balloon, _) = Balloon::new(&BalloonConfig::default(), &mem).unwrap();
     devices.add(balloon, &mut bus, &vm, &mut cmdline).unwrap();

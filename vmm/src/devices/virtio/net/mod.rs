@@ -2,6 +2,11 @@
 //! through with their `virtio_net_hdr_v1` untouched (so checksum and
 //! segmentation offloads cost nothing here).
 //!
+//! Each direction has a rate limiter (bytes and frames per second, `bw=`
+//! and `pps=`), and TX frames whose source MAC is not the guest's are
+//! dropped and counted (`mac-filter=`), so that a guest cannot flood the
+//! host's network or speak for its neighbours.
+//!
 //! RX is driven by two events: the TAP fd became readable (edge-triggered),
 //! or the guest added receive buffers. A frame read from the TAP device with
 //! no guest buffer to put it in is kept until the guest adds one; the loop
@@ -27,7 +32,8 @@ pub use backend::NetBackend;
 pub use tap::{Tap, TapError};
 
 use super::device::{read_config_bytes, ActivateError, EventSource, VirtioDevice};
-use super::queue::{drain, Chain, QueueCtx, CHAIN_BUDGET};
+use super::limiter::{ms, Limits, RateLimiter};
+use super::queue::{drain_limited, Chain, QueueCtx, CHAIN_BUDGET};
 use super::COMMON_FEATURES;
 use crate::config::devices::{MacAddr, NetConfig};
 
@@ -55,6 +61,43 @@ pub struct NetCounters {
     pub tx_malformed: AtomicU64,
     /// Frames the backend refused.
     pub tx_errors: AtomicU64,
+    /// Frames dropped because their source MAC was not the guest's.
+    pub tx_spoofed: AtomicU64,
+}
+
+/// What a NIC may do, from its `--net` options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetPolicy {
+    /// Each direction's limits.
+    pub limits: Limits,
+    /// Drop TX frames from other source MACs.
+    pub filter_source_mac: bool,
+}
+
+impl NetPolicy {
+    /// No limits, no filter (tests and benchmarks of the data path).
+    pub const OPEN: NetPolicy = NetPolicy {
+        limits: Limits::UNLIMITED,
+        filter_source_mac: false,
+    };
+
+    pub fn of(cfg: &NetConfig) -> Self {
+        Self {
+            limits: Limits {
+                bytes_per_s: cfg.bytes_per_s(),
+                ops_per_s: cfg.frames_per_s(),
+            },
+            filter_source_mac: cfg.filters_source_mac(),
+        }
+    }
+}
+
+/// The device's event sources besides its queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Backend,
+    RxTimer,
+    TxTimer,
 }
 
 pub struct Net {
@@ -67,6 +110,9 @@ pub struct Net {
     rx_buf: Box<[u8]>,
     tx_buf: Box<[u8]>,
     counters: Arc<NetCounters>,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
+    filter_source_mac: bool,
 }
 
 // By hand: the backend is a trait object, the buffers 64 KiB of bytes.
@@ -86,11 +132,16 @@ impl Net {
     /// Attaches to the TAP device named in `cfg`.
     pub fn new(cfg: &NetConfig) -> Result<Self, TapError> {
         let tap = Tap::open(&cfg.tap)?;
-        Ok(Self::with_backend(Box::new(tap), cfg.mac_or_default()))
+        Self::with_backend(Box::new(tap), cfg.mac_or_default(), NetPolicy::of(cfg))
+            .map_err(TapError::Timer)
     }
 
-    pub fn with_backend(backend: Box<dyn NetBackend>, mac: MacAddr) -> Self {
-        Self {
+    pub fn with_backend(
+        backend: Box<dyn NetBackend>,
+        mac: MacAddr,
+        policy: NetPolicy,
+    ) -> io::Result<Self> {
+        Ok(Self {
             backend,
             config: mac.0,
             acked_features: 0,
@@ -98,7 +149,32 @@ impl Net {
             rx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN].into_boxed_slice(),
             tx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN].into_boxed_slice(),
             counters: Arc::default(),
+            rx_limiter: RateLimiter::new(policy.limits)?,
+            tx_limiter: RateLimiter::new(policy.limits)?,
+            filter_source_mac: policy.filter_source_mac,
+        })
+    }
+
+    /// The event sources in the order `event_sources` gives them.
+    fn sources(&self) -> Vec<(Source, EventSource)> {
+        let timer = |fd| EventSource {
+            fd,
+            edge_triggered: false,
+        };
+        let mut v = vec![(
+            Source::Backend,
+            EventSource {
+                fd: self.backend.raw_fd(),
+                edge_triggered: true,
+            },
+        )];
+        if let Some(fd) = self.rx_limiter.timer_fd() {
+            v.push((Source::RxTimer, timer(fd)));
         }
+        if let Some(fd) = self.tx_limiter.timer_fd() {
+            v.push((Source::TxTimer, timer(fd)));
+        }
+        v
     }
 
     pub fn counters(&self) -> Arc<NetCounters> {
@@ -166,6 +242,11 @@ impl Net {
                 ctx.requeue(RX);
                 break;
             }
+            // Throttled: the frame waits (in rx_buf and the TAP's queue,
+            // where the kernel drops what overflows) until the timer.
+            if !self.rx_limiter.admit() {
+                break;
+            }
             let Some(len) = self.rx_pending else { break };
             let chain = match ctx.pop(RX) {
                 Ok(Some(c)) => c,
@@ -195,6 +276,7 @@ impl Net {
                     let _ = w.write_all(&self.rx_buf[..len]);
                     // len <= rx_buf.len(): a header and one frame, about 64 KiB.
                     ctx.add_used(RX, head, u32::try_from(len).unwrap_or(u32::MAX));
+                    self.rx_limiter.charge((len - VNET_HDR_LEN) as u64);
                     self.rx_pending = None;
                     self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
                     self.counters
@@ -226,6 +308,12 @@ impl Net {
         }
     }
 
+    /// True when `frame` (Ethernet, after the virtio header) carries the
+    /// guest's own MAC as its source.
+    fn sent_from_guest_mac(&self, frame: &[u8]) -> bool {
+        frame.get(6..12) == Some(&self.config[..])
+    }
+
     /// Sends one TX chain; returns 0 (the device writes nothing into it).
     fn transmit(&mut self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
         let malformed = |c: &NetCounters| {
@@ -245,6 +333,13 @@ impl Net {
         }
         if reader.read_exact(&mut self.tx_buf[..len]).is_err() {
             return malformed(&self.counters);
+        }
+        if self.filter_source_mac && !self.sent_from_guest_mac(&self.tx_buf[VNET_HDR_LEN..len]) {
+            self.counters.tx_spoofed.fetch_add(1, Ordering::Relaxed);
+            warn_ratelimited!(
+                "virtio-net: dropping a TX frame whose source MAC is not the guest's"
+            );
+            return 0;
         }
         match self.backend.write_frame(&self.tx_buf[..len]) {
             Ok(_) => {
@@ -309,24 +404,64 @@ impl VirtioDevice for Net {
     fn queue_notify(&mut self, index: usize, ctx: &mut QueueCtx<'_>) {
         match index {
             RX => self.process_rx(ctx),
-            TX => drain(ctx, TX, |mem, chain| self.transmit(mem, chain)),
+            TX => {
+                let mut limiter = std::mem::take(&mut self.tx_limiter);
+                drain_limited(ctx, TX, &mut limiter, |mem, chain| {
+                    let len = chain_len(&chain);
+                    (self.transmit(mem, chain), len)
+                });
+                self.tx_limiter = limiter;
+            }
             _ => {}
         }
     }
 
     fn event_sources(&self) -> Vec<EventSource> {
-        vec![EventSource {
-            fd: self.backend.raw_fd(),
-            edge_triggered: true,
-        }]
+        self.sources().into_iter().map(|(_, s)| s).collect()
     }
 
-    fn handle_event(&mut self, _source: usize, ctx: Option<&mut QueueCtx<'_>>) {
+    fn handle_event(&mut self, source: usize, ctx: Option<&mut QueueCtx<'_>>) {
+        let which = self.sources().get(source).map(|(w, _)| *w);
+        match which {
+            Some(Source::RxTimer) => self.rx_limiter.on_timer(),
+            Some(Source::TxTimer) => self.tx_limiter.on_timer(),
+            Some(Source::Backend) | None => {}
+        }
         // While inactive the frames wait in the backend; activation kicks RX.
-        if let Some(ctx) = ctx {
-            self.process_rx(ctx);
+        let Some(ctx) = ctx else { return };
+        match which {
+            Some(Source::TxTimer) => self.queue_notify(TX, ctx),
+            _ => self.process_rx(ctx),
         }
     }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("rx_frames", get(&c.rx_frames)),
+            ("rx_bytes", get(&c.rx_bytes)),
+            ("rx_dropped", get(&c.rx_dropped)),
+            ("rx_bad_chains", get(&c.rx_bad_chains)),
+            ("tx_frames", get(&c.tx_frames)),
+            ("tx_bytes", get(&c.tx_bytes)),
+            ("tx_malformed", get(&c.tx_malformed)),
+            ("tx_errors", get(&c.tx_errors)),
+            ("tx_spoofed", get(&c.tx_spoofed)),
+            ("rx_throttled_ms", ms(&self.rx_limiter.throttled_ns())),
+            ("tx_throttled_ms", ms(&self.tx_limiter.throttled_ns())),
+        ]
+    }
+}
+
+/// The bytes a TX chain carries (what its rate limiter is charged).
+fn chain_len(chain: &Chain<'_>) -> u64 {
+    chain
+        .clone()
+        .readable()
+        .map(|d| u64::from(d.len()))
+        .sum::<u64>()
+        .saturating_sub(VNET_HDR_LEN as u64)
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub enum TapError {
     VnetHdr { name: String, source: io::Error },
     #[error("cannot reset offloads on TAP device {name}: {source}")]
     Offload { name: String, source: io::Error },
+    #[error("cannot create the NIC's rate limiter timer: {0}")]
+    Timer(#[source] io::Error),
 }
 
 /// TUNSETIFF's flags: a TAP device, frames with a virtio-net header.

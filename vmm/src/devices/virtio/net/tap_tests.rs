@@ -163,7 +163,7 @@ fn real_tap_round_trip_in_a_network_namespace() {
     assert!(lo.contains("is not a TAP device"), "{lo}");
 
     let tap_fd = tap.raw_fd();
-    let net = Net::with_backend(Box::new(tap), MacAddr(GUEST_MAC));
+    let net = Net::with_backend(Box::new(tap), MacAddr(GUEST_MAC), NetPolicy::OPEN).unwrap();
     let counters = net.counters();
     let mem = guest_mem();
     let mut h = Harness::with_mem(net, mem.clone());

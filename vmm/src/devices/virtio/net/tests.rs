@@ -28,13 +28,17 @@ struct Up<'a> {
 }
 
 fn up_with(mem: &Arc<GuestMemoryMmap>, features: u64) -> Up<'_> {
+    up_policy(mem, features, NetPolicy::OPEN)
+}
+
+fn up_policy(mem: &Arc<GuestMemoryMmap>, features: u64, policy: NetPolicy) -> Up<'_> {
     let (ours, peer) = socketpair();
     let offloads = Arc::new(Mutex::new(Vec::new()));
     let backend = SockBackend {
         file: ours,
         offloads: offloads.clone(),
     };
-    let net = Net::with_backend(Box::new(backend), MAC);
+    let net = Net::with_backend(Box::new(backend), MAC, policy).unwrap();
     let counters = net.counters();
     let mut h = Harness::with_mem(net, mem.clone());
     let rx = GuestQueue::new(mem, RXQ, 16);
@@ -263,7 +267,10 @@ fn frames_wait_while_the_device_is_inactive() {
         file: ours,
         offloads: Arc::default(),
     };
-    let mut h = Harness::with_mem(Net::with_backend(Box::new(backend), MAC), mem.clone());
+    let mut h = Harness::with_mem(
+        Net::with_backend(Box::new(backend), MAC, NetPolicy::OPEN).unwrap(),
+        mem.clone(),
+    );
     let f = frame(&[9; 40]);
     peer.write_all(&f).unwrap();
     h.transport.handle_event(0);
@@ -331,4 +338,79 @@ fn survives_hostile_rx_chains() {
             assert!(found, "marker frame not delivered");
         },
     );
+}
+
+/// An Ethernet frame from `src` to the broadcast address, as the guest
+/// puts it in guest memory at `at` (virtio header first); returns its TX
+/// descriptor.
+fn guest_frame(mem: &GuestMemoryMmap, at: u64, src: [u8; 6]) -> Desc {
+    let mut eth = vec![0xffu8; 6];
+    eth.extend_from_slice(&src);
+    eth.extend_from_slice(&[0x08, 0x00]);
+    eth.extend_from_slice(b"payload");
+    let f = frame(&eth);
+    mem.write_slice(&f, GuestAddress(at)).unwrap();
+    r(at, u32_of(f.len()))
+}
+
+#[test]
+fn frames_from_another_source_mac_are_dropped_and_counted() {
+    let mem = guest_mem();
+    let policy = NetPolicy {
+        filter_source_mac: true,
+        ..NetPolicy::OPEN
+    };
+    let mut u = up_policy(&mem, 0, policy);
+    let own = guest_frame(&mem, BUF, MAC.0);
+    let forged = guest_frame(&mem, BUF + 0x1000, [6, 6, 6, 6, 6, 6]);
+    let h1 = u.tx.add(&[forged]);
+    let h2 = u.tx.add(&[own]);
+    u.h.kick(1);
+    let got = u.recv_on_host().expect("the guest's own frame goes out");
+    assert_eq!(&got[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12], &MAC.0);
+    assert_eq!(u.recv_on_host(), None, "the forged frame must not");
+    assert_eq!(u.tx.used(0).0, u32::from(h1), "still returned to the guest");
+    assert_eq!(u.tx.used(1).0, u32::from(h2));
+    assert_eq!(u.counters.tx_spoofed.load(Ordering::Relaxed), 1);
+    assert_eq!(u.counters.tx_frames.load(Ordering::Relaxed), 1);
+    // A runt without a whole source address is no exception.
+    let runt = frame(&[0xff; 8]);
+    mem.write_slice(&runt, GuestAddress(BUF + 0x2000)).unwrap();
+    u.tx.add(&[r(BUF + 0x2000, u32_of(runt.len()))]);
+    u.h.kick(1);
+    assert_eq!(u.recv_on_host(), None);
+    assert_eq!(u.counters.tx_spoofed.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_frame_rate_limit_holds_tx_chains_until_its_timer() {
+    let mem = guest_mem();
+    let policy = NetPolicy {
+        limits: Limits {
+            bytes_per_s: None,
+            ops_per_s: Some(3),
+        },
+        filter_source_mac: true,
+    };
+    let mut u = up_policy(&mem, 0, policy);
+    for i in 0..5 {
+        let d = guest_frame(&mem, BUF + i * 0x1000, MAC.0);
+        u.tx.add(&[d]);
+    }
+    u.h.kick(1);
+    let mut sent = 0;
+    while u.recv_on_host().is_some() {
+        sent += 1;
+    }
+    assert_eq!(sent, 3, "a full bucket: one second of 3 frames/s");
+    assert_eq!(u.tx.used_idx(), 3);
+    let sources = u.h.transport.event_sources();
+    assert_eq!(sources.len(), 3, "TAP, RX timer, TX timer");
+    assert!(wait_readable(sources[2].fd, 2000), "TX timer never fired");
+    u.h.transport.handle_event(2);
+    assert_eq!(u.tx.used_idx(), 4, "one more frame after ~1/3 s");
+    let counters: std::collections::HashMap<_, _> =
+        u.h.transport.device_mut().counters().into_iter().collect();
+    assert!(counters["tx_throttled_ms"] >= 200, "{counters:?}");
+    assert_eq!(counters["rx_throttled_ms"], 0);
 }

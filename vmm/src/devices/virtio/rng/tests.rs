@@ -6,7 +6,7 @@ use super::*;
 use crate::devices::virtio::test_util::*;
 
 fn rng_up(mem: &Arc<GuestMemoryMmap>) -> (Harness, GuestQueue<'_>, Arc<RngCounters>) {
-    let rng = Rng::new();
+    let rng = Rng::new().unwrap();
     let counters = rng.counters();
     let mut h = Harness::with_mem(rng, mem.clone());
     let q = GuestQueue::new(mem, 0x1_0000, 16);

@@ -15,6 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use super::OnOff;
 
+mod rate;
+pub use rate::{
+    Rate, DEFAULT_DISK_BYTES_PER_S, DEFAULT_DISK_IOPS, DEFAULT_NET_BYTES_PER_S, DEFAULT_NET_PPS,
+    NOTIFY_PER_S, RNG_BYTES_PER_S,
+};
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceConfigError {
     #[error("{0:?} is not KEY=VALUE")]
@@ -29,6 +35,8 @@ pub enum DeviceConfigError {
     Bool { key: String, value: String },
     #[error("{key}={value:?}: expected a whole number")]
     Number { key: String, value: String },
+    #[error("{key}={value:?}: expected a rate such as 0 (unlimited), 20000, 512K, 200M or 1G")]
+    Rate { key: String, value: String },
     #[error("path= is empty")]
     EmptyPath,
     #[error("disk id {0:?}: use 1-20 printable ASCII characters (the virtio-blk serial)")]
@@ -111,7 +119,8 @@ impl From<DiskId> for String {
     }
 }
 
-/// `--disk path=FILE[,ro=on][,id=NAME]`: a raw disk image.
+/// `--disk path=FILE[,ro=on][,id=NAME][,bw=RATE][,iops=RATE]`: a raw disk
+/// image, with its bandwidth and request rate limits (see [`Rate`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -120,27 +129,64 @@ pub struct DiskConfig {
     pub read_only: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<DiskId>,
+    /// Bytes per second read and written; default [`DEFAULT_DISK_BYTES_PER_S`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bw: Option<Rate>,
+    /// Requests per second; default [`DEFAULT_DISK_IOPS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<Rate>,
+}
+
+impl DiskConfig {
+    /// A disk with every option at its default.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            read_only: false,
+            id: None,
+            bw: None,
+            iops: None,
+        }
+    }
+
+    /// The bandwidth limit in bytes per second; None is unlimited.
+    pub fn bytes_per_s(&self) -> Option<u64> {
+        Rate::or_default(self.bw, DEFAULT_DISK_BYTES_PER_S)
+    }
+
+    /// The request rate limit; None is unlimited.
+    pub fn ops_per_s(&self) -> Option<u64> {
+        Rate::or_default(self.iops, DEFAULT_DISK_IOPS)
+    }
+}
+
+/// Writes `,key=rate` for the rates that were given.
+fn write_rates(f: &mut fmt::Formatter<'_>, rates: &[(&str, Option<Rate>)]) -> fmt::Result {
+    for (key, rate) in rates {
+        if let Some(r) = rate {
+            write!(f, ",{key}={r}")?;
+        }
+    }
+    Ok(())
 }
 
 impl FromStr for DiskConfig {
     type Err = DeviceConfigError;
     fn from_str(s: &str) -> Result<Self> {
         let mut path = None;
-        let mut read_only = false;
-        let mut id = None;
-        for (k, v) in parse_kv(s, &["path", "ro", "id"])? {
+        let mut d = DiskConfig::new("");
+        for (k, v) in parse_kv(s, &["path", "ro", "id", "bw", "iops"])? {
             match k {
                 "path" if v.is_empty() => return Err(DeviceConfigError::EmptyPath),
                 "path" => path = Some(PathBuf::from(v)),
-                "ro" => read_only = parse_bool(k, v)?,
-                _ => id = Some(DiskId::try_from(v.to_owned())?),
+                "ro" => d.read_only = parse_bool(k, v)?,
+                "bw" => d.bw = Some(Rate::parse_option(k, v)?),
+                "iops" => d.iops = Some(Rate::parse_option(k, v)?),
+                _ => d.id = Some(DiskId::try_from(v.to_owned())?),
             }
         }
-        Ok(DiskConfig {
-            path: path.ok_or(DeviceConfigError::Missing("path"))?,
-            read_only,
-            id,
-        })
+        d.path = path.ok_or(DeviceConfigError::Missing("path"))?;
+        Ok(d)
     }
 }
 
@@ -155,7 +201,7 @@ impl fmt::Display for DiskConfig {
         if let Some(id) = &self.id {
             write!(f, ",id={}", id.as_str())?;
         }
-        Ok(())
+        write_rates(f, &[("bw", self.bw), ("iops", self.iops)])
     }
 }
 
@@ -272,16 +318,57 @@ impl From<TapName> for String {
     }
 }
 
-/// `--net tap=NAME[,mac=MAC]`: a virtio-net NIC on an existing TAP device.
+/// `--net tap=NAME[,mac=MAC][,bw=RATE][,pps=RATE][,mac-filter=on|off]`: a
+/// virtio-net NIC on an existing TAP device, with the limits of each
+/// direction (see [`Rate`]) and whether frames the guest sends from another
+/// source MAC than its own are dropped (on by default).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     pub tap: TapName,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<MacAddr>,
+    /// Bytes per second in each direction; default [`DEFAULT_NET_BYTES_PER_S`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bw: Option<Rate>,
+    /// Frames per second in each direction; default [`DEFAULT_NET_PPS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pps: Option<Rate>,
+    #[serde(
+        default,
+        rename = "mac-filter",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mac_filter: Option<OnOff>,
 }
 
 impl NetConfig {
+    /// A NIC on `tap` with every option at its default.
+    pub fn new(tap: TapName) -> Self {
+        Self {
+            tap,
+            mac: None,
+            bw: None,
+            pps: None,
+            mac_filter: None,
+        }
+    }
+
+    /// The bandwidth limit of each direction; None is unlimited.
+    pub fn bytes_per_s(&self) -> Option<u64> {
+        Rate::or_default(self.bw, DEFAULT_NET_BYTES_PER_S)
+    }
+
+    /// The frame rate limit of each direction; None is unlimited.
+    pub fn frames_per_s(&self) -> Option<u64> {
+        Rate::or_default(self.pps, DEFAULT_NET_PPS)
+    }
+
+    /// Whether TX frames with a foreign source MAC are dropped.
+    pub fn filters_source_mac(&self) -> bool {
+        self.mac_filter.unwrap_or(OnOff::On).is_on()
+    }
+
     /// The guest's MAC: the configured one, or one derived from the TAP name.
     pub fn mac_or_default(&self) -> MacAddr {
         self.mac
@@ -293,16 +380,22 @@ impl FromStr for NetConfig {
     type Err = DeviceConfigError;
     fn from_str(s: &str) -> Result<Self> {
         let mut tap = None;
-        let mut mac = None;
-        for (k, v) in parse_kv(s, &["tap", "mac"])? {
+        let (mut mac, mut bw, mut pps, mut mac_filter) = (None, None, None, None);
+        for (k, v) in parse_kv(s, &["tap", "mac", "bw", "pps", "mac-filter"])? {
             match k {
                 "tap" => tap = Some(TapName::try_from(v.to_owned())?),
+                "bw" => bw = Some(Rate::parse_option(k, v)?),
+                "pps" => pps = Some(Rate::parse_option(k, v)?),
+                "mac-filter" => mac_filter = Some(on_off(parse_bool(k, v)?)),
                 _ => mac = Some(v.parse()?),
             }
         }
         Ok(NetConfig {
-            tap: tap.ok_or(DeviceConfigError::Missing("tap"))?,
             mac,
+            bw,
+            pps,
+            mac_filter,
+            ..NetConfig::new(tap.ok_or(DeviceConfigError::Missing("tap"))?)
         })
     }
 }
@@ -312,6 +405,10 @@ impl fmt::Display for NetConfig {
         write!(f, "tap={}", self.tap.as_str())?;
         if let Some(mac) = self.mac {
             write!(f, ",mac={mac}")?;
+        }
+        write_rates(f, &[("bw", self.bw), ("pps", self.pps)])?;
+        if let Some(filter) = self.mac_filter {
+            write!(f, ",mac-filter={filter}")?;
         }
         Ok(())
     }
@@ -393,129 +490,4 @@ impl DeviceSet {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn disk_parses_all_options_and_round_trips() {
-        let d: DiskConfig = "path=/var/img/a.raw,ro=on,id=root".parse().unwrap();
-        assert_eq!(d.path, PathBuf::from("/var/img/a.raw"));
-        assert!(d.read_only);
-        assert_eq!(d.id.as_ref().unwrap().as_str(), "root");
-        assert_eq!(d.to_string().parse::<DiskConfig>().unwrap(), d);
-        let d: DiskConfig = "path=x.img".parse().unwrap();
-        assert!(!d.read_only);
-        assert_eq!(d.id, None);
-        let d: DiskConfig = "ro=off,path=x.img".parse().unwrap();
-        assert!(!d.read_only);
-    }
-
-    #[test]
-    fn disk_errors_name_the_problem() {
-        let e = |s: &str| s.parse::<DiskConfig>().unwrap_err().to_string();
-        assert_eq!(e(""), "missing option path=");
-        assert_eq!(e("ro=on"), "missing option path=");
-        assert_eq!(e("path="), "path= is empty");
-        assert_eq!(e("path=a,path=b"), "option \"path\" given twice");
-        assert_eq!(e("path=a,ro=yes"), "ro=\"yes\": expected on or off");
-        assert_eq!(
-            e("path=a,cache=none"),
-            "unknown option \"cache\" (known: path, ro, id)"
-        );
-        assert_eq!(e("/tmp/a.img"), "\"/tmp/a.img\" is not KEY=VALUE");
-        assert!(e("path=a,id=abcdefghijklmnopqrstu").contains("1-20 printable ASCII"));
-        assert!(e("path=a,id=a b").contains("1-20 printable ASCII"));
-        assert!(e("path=a,id=").contains("1-20"));
-    }
-
-    #[test]
-    fn net_parses_and_derives_a_stable_unicast_mac() {
-        let n: NetConfig = "tap=tap0,mac=06:00:AC:10:00:02".parse().unwrap();
-        assert_eq!(n.mac, Some(MacAddr([6, 0, 0xac, 0x10, 0, 2])));
-        assert_eq!(n.to_string(), "tap=tap0,mac=06:00:ac:10:00:02");
-        let n: NetConfig = "tap=vm1".parse().unwrap();
-        let m = n.mac_or_default();
-        assert_eq!(m, MacAddr::derived_from("vm1"));
-        assert_eq!(m.0[0] & 0b11, 0b10, "locally administered unicast");
-        assert_ne!(m, MacAddr::derived_from("vm2"));
-        // Pinned: a guest's address must not change between releases.
-        assert_eq!(
-            MacAddr::derived_from("tap0").to_string(),
-            "06:16:d0:ac:07:ef"
-        );
-    }
-
-    #[test]
-    fn net_errors() {
-        let e = |s: &str| s.parse::<NetConfig>().unwrap_err().to_string();
-        assert_eq!(e("mac=06:00:00:00:00:01"), "missing option tap=");
-        assert!(e("tap=averyveryverylongname").contains("1-15 characters"));
-        assert!(e("tap=a/b").contains("no '/'"));
-        assert!(e("tap=..").contains("TAP name"));
-        assert!(e("tap=t,mac=06:00:00:00:00").contains("six hex bytes"));
-        assert!(e("tap=t,mac=06:00:00:00:00:00:00").contains("six hex bytes"));
-        assert!(e("tap=t,mac=06:00:00:00:00:zz").contains("six hex bytes"));
-        assert!(e("tap=t,mac=6:0:0:0:0:1").contains("six hex bytes"));
-        assert_eq!(
-            e("tap=t,mac=01:00:5e:00:00:01"),
-            "MAC address 01:00:5e:00:00:01: a NIC needs a unicast address (first byte even)"
-        );
-    }
-
-    #[test]
-    fn balloon_defaults_and_options() {
-        assert_eq!(
-            "".parse::<BalloonConfig>().unwrap(),
-            BalloonConfig::default()
-        );
-        let b: BalloonConfig = "deflate-on-oom=on,free-page-reporting=on,stats-interval-s=5"
-            .parse()
-            .unwrap();
-        assert!(b.deflate_on_oom && b.free_page_reporting);
-        assert_eq!(b.stats_interval_s, 5);
-        assert_eq!(b.to_string().parse::<BalloonConfig>().unwrap(), b);
-        let e = |s: &str| s.parse::<BalloonConfig>().unwrap_err().to_string();
-        assert_eq!(
-            e("stats-interval-s=-1"),
-            "stats-interval-s=\"-1\": expected a whole number"
-        );
-        assert!(e("target=5").starts_with("unknown option \"target\""));
-    }
-
-    #[test]
-    fn on_off_options_use_the_one_parser() {
-        let d: DiskConfig = "path=/a,ro=true".parse().unwrap();
-        assert!(d.read_only);
-        assert_eq!(
-            "path=/a,ro=yes"
-                .parse::<DiskConfig>()
-                .unwrap_err()
-                .to_string(),
-            "ro=\"yes\": expected on or off"
-        );
-        assert_eq!(d.to_string(), "path=/a,ro=on");
-    }
-
-    #[test]
-    fn serde_uses_the_cli_keys_and_validates() {
-        let d: DiskConfig =
-            serde_json::from_str(r#"{"path":"/a.img","ro":true,"id":"data"}"#).unwrap();
-        assert!(d.read_only);
-        assert_eq!(
-            serde_json::to_string(&d).unwrap(),
-            r#"{"path":"/a.img","ro":true,"id":"data"}"#
-        );
-        assert!(serde_json::from_str::<DiskConfig>(r#"{"path":"/a","id":"x y"}"#).is_err());
-        assert!(serde_json::from_str::<DiskConfig>(r#"{"path":"/a","cache":1}"#).is_err());
-        let n: NetConfig =
-            serde_json::from_str(r#"{"tap":"tap0","mac":"06:00:00:00:00:01"}"#).unwrap();
-        assert_eq!(
-            serde_json::to_string(&n).unwrap(),
-            r#"{"tap":"tap0","mac":"06:00:00:00:00:01"}"#
-        );
-        assert!(serde_json::from_str::<NetConfig>(r#"{"tap":"tap0","mac":"bad"}"#).is_err());
-        let b: BalloonConfig = serde_json::from_str(r#"{"stats-interval-s":3}"#).unwrap();
-        assert_eq!(b.stats_interval_s, 3);
-        assert!(!b.deflate_on_oom);
-    }
-}
+mod tests;

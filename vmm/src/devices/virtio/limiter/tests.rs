@@ -1,0 +1,112 @@
+use super::*;
+
+#[test]
+fn a_bucket_admits_its_burst_then_refills_at_its_rate() {
+    let t0 = Instant::now();
+    let mut b = TokenBucket::new(1000, t0);
+    assert!(b.ready(t0));
+    b.take(1000);
+    assert!(!b.ready(t0), "a full second of tokens is spent");
+    assert_eq!(b.wait(), Duration::from_millis(1), "one token takes 1 ms");
+    assert!(!b.ready(t0 + Duration::from_micros(999)));
+    assert!(b.ready(t0 + Duration::from_millis(1)));
+    // The bucket never holds more than one second's worth.
+    assert!(b.ready(t0 + Duration::from_secs(100)));
+    b.take(1000);
+    assert!(!b.ready(t0 + Duration::from_secs(100)));
+}
+
+#[test]
+fn debt_makes_the_next_operation_wait_for_the_whole_charge() {
+    let t0 = Instant::now();
+    let mut b = TokenBucket::new(1 << 20, t0);
+    b.take(16 << 20);
+    assert!(!b.ready(t0));
+    let w = b.wait();
+    assert!(
+        w > Duration::from_secs(15) && w <= Duration::from_secs(15) + Duration::from_micros(1),
+        "15 MiB of debt at 1 MiB/s: {w:?}"
+    );
+    assert!(!b.ready(t0 + Duration::from_secs(14)));
+    assert!(b.ready(t0 + Duration::from_secs(15) + Duration::from_millis(1)));
+}
+
+#[test]
+fn fractional_refill_is_not_lost() {
+    let t0 = Instant::now();
+    let mut b = TokenBucket::new(3, t0);
+    b.take(3);
+    // 3 tokens/s in steps of 100 ms: 0.3 tokens each; the fourth step makes 1.2.
+    let mut t = t0;
+    for _ in 0..3 {
+        t += Duration::from_millis(100);
+        assert!(!b.ready(t));
+    }
+    t += Duration::from_millis(100);
+    assert!(b.ready(t), "carried fractions add up");
+}
+
+#[test]
+fn a_limiter_throttles_counts_the_time_and_resumes_on_its_timer() {
+    let mut l = RateLimiter::new(Limits {
+        bytes_per_s: None,
+        ops_per_s: Some(100),
+    })
+    .unwrap();
+    assert!(l.timer_fd().is_some());
+    let t0 = Instant::now();
+    for _ in 0..100 {
+        assert!(l.admit_at(t0));
+        l.charge(4096);
+    }
+    assert!(!l.admit_at(t0), "101st operation in one instant");
+    assert!(l.is_throttled());
+    assert!(
+        !l.admit_at(t0 + Duration::from_secs(1)),
+        "until the timer fires"
+    );
+    l.on_timer_at(t0 + Duration::from_millis(10));
+    assert!(!l.is_throttled());
+    assert_eq!(ms(&l.throttled_ns()), 10);
+    assert!(l.admit_at(t0 + Duration::from_millis(10)));
+}
+
+#[test]
+fn the_armed_timer_fires_when_the_bucket_is_positive() {
+    let mut l = RateLimiter::new(Limits {
+        bytes_per_s: Some(1000),
+        ops_per_s: None,
+    })
+    .unwrap();
+    assert!(l.admit());
+    l.charge(1010);
+    let start = Instant::now();
+    assert!(!l.admit());
+    let fd = l.timer_fd().unwrap();
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, 2000) };
+    assert_eq!(n, 1, "timer did not fire");
+    let waited = start.elapsed();
+    assert!(
+        (Duration::from_millis(5)..Duration::from_millis(500)).contains(&waited),
+        "{waited:?} for 11 bytes at 1000 B/s"
+    );
+    l.on_timer();
+    assert!(l.admit());
+}
+
+#[test]
+fn unlimited_limiters_always_admit_and_have_no_timer() {
+    let mut l = RateLimiter::new(Limits::UNLIMITED).unwrap();
+    assert!(l.timer_fd().is_none());
+    for _ in 0..10_000 {
+        assert!(l.admit());
+        l.charge(u64::MAX);
+    }
+    assert_eq!(ms(&l.throttled_ns()), 0);
+}
