@@ -485,3 +485,39 @@ fn sigkill_during_a_write_burst_loses_no_flushed_block() {
         );
     }
 }
+
+/// Entropy is rate-limited (`RNG_BYTES_PER_S`, 1 MiB/s, a bucket of one
+/// second's worth): a guest that reads 4 MiB at once waits at least the
+/// three seconds past the first bucketful, and no more than twice that.
+#[test]
+fn rng_reads_are_held_to_the_entropy_rate() {
+    if !have_kvm() {
+        return;
+    }
+    use ksmvm::config::devices::RNG_BYTES_PER_S as RATE;
+    const BYTES: u64 = 4 * RATE;
+    let _one = one_at_a_time();
+    let mut vm = Vmm::spawn(probe_vm_args(&[]));
+    vm.expect_line("PROBE READY", T);
+    let api = vm.api(NAME);
+    let t0 = Instant::now();
+    let line = vm.command(&format!("rng 0 {BYTES}"), "PROBE RNG");
+    let took = secs(t0.elapsed());
+    let expected = (BYTES - RATE).approx_f64() / RATE.approx_f64();
+    eprintln!(
+        "{line}: {took:.2} s for {BYTES} bytes at {RATE} bytes/s, throttled_ms {}",
+        shown(counter(&api, "rng0", "throttled_ms"))
+    );
+    assert_eq!(num(&line, "bytes"), BYTES, "{line}");
+    assert!(
+        took >= expected * 0.9,
+        "{BYTES} bytes in {took:.2} s: faster than {RATE} bytes/s after a second's burst"
+    );
+    assert!(
+        took <= expected * 2.0 + 1.0,
+        "{BYTES} bytes took {took:.2} s: starved"
+    );
+    assert!(device_counter(&api, "rng0", "throttled_ms") > 0);
+    assert_eq!(device_counter(&api, "rng0", "bytes"), BYTES);
+    vm.poweroff();
+}
