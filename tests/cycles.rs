@@ -87,6 +87,11 @@ fn cycle(ns: &NetNs, run: &RuntimeDir, img: &Path, how: Stop) -> Vmm {
         "{how:?}: the VMM exited {status:?}{}",
         vm.context()
     );
+    let stderr = vm.stderr_text();
+    assert!(
+        !stderr.contains("ksmvm: error:"),
+        "{how:?}: the VMM logged an error: {stderr}"
+    );
     vm
 }
 
