@@ -54,7 +54,22 @@ impl ThreadKind {
     }
 }
 
-/// Starts `f` on a new thread of `kind`.
+/// SIGINT and SIGTERM belong to the main loop's signalfd. A thread that
+/// did not block them would take their default action (ending the VMM
+/// without a flush) whenever the kernel picked it, so every thread blocks
+/// them itself, whenever it was started (a disk's I/O thread starts before
+/// the main thread's mask is set).
+fn block_stop_signals() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    if let Err(e) = sigs.thread_block() {
+        log::warn!("cannot block SIGINT/SIGTERM in a VMM thread: {e}");
+    }
+}
+
+/// Starts `f` on a new thread of `kind`, with SIGINT/SIGTERM blocked.
 pub fn spawn<T, F>(kind: ThreadKind, f: F) -> io::Result<JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,
@@ -63,6 +78,7 @@ where
     std::thread::Builder::new()
         .name(kind.name())
         .spawn(move || {
+            block_stop_signals();
             log::debug!("thread {} started", kind.name());
             f()
         })
@@ -103,5 +119,20 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(name.as_deref(), Some("virtio-devices"));
+    }
+
+    #[test]
+    fn spawned_threads_block_the_stop_signals() {
+        let blocked = spawn(ThreadKind::BlockIo, || {
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with("SigBlk:")).unwrap();
+            u64::from_str_radix(line["SigBlk:".len()..].trim(), 16).unwrap()
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            assert_ne!(blocked & 1 << (sig - 1), 0, "signal {sig} not blocked");
+        }
     }
 }

@@ -19,8 +19,11 @@
 //! * [`net`]: network namespaces with TAP devices, AF_PACKET frames.
 //! * [`proc`]: /proc/PID/ksm_stat, smaps of guest RAM, per-thread CPU time.
 //! * [`ksm`]: fast KSM settings for tests that wait for merging.
+//! * [`blockdev`]: loop devices, mounts, device node aliases and processes
+//!   holding QEMU-style image locks, undone on drop.
 
 pub mod api;
+pub mod blockdev;
 pub mod dirs;
 pub mod env;
 pub mod ksm;

@@ -79,16 +79,43 @@ impl Origins<'_> {
 }
 
 /// Checks that a file the VM needs exists: a regular file, or for a disk
-/// also a block device.
+/// also a block device. Symlinks are followed (the VM uses the target).
 fn check_file(origins: &Origins, key: &str, what: &str, path: &Path) -> Result<(), InstanceError> {
     use std::os::unix::fs::FileTypeExt;
+    let wanted = if what == "disk" {
+        "a regular file or block device"
+    } else {
+        "a regular file"
+    };
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() || (what == "disk" && m.file_type().is_block_device()) => Ok(()),
-        Ok(_) => Err(origins.invalid(
+        Ok(m) => Err(origins.invalid(
             key,
-            format!("cannot open {what} {}: not a regular file", path.display()),
+            format!(
+                "cannot open {what} {}: it is {}, not {wanted}",
+                path.display(),
+                file_kind(&m.file_type())
+            ),
         )),
         Err(e) => Err(origins.invalid(key, format!("cannot open {what} {}: {e}", path.display()))),
+    }
+}
+
+/// What a file that is not a regular file is, for errors.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "neither a file nor a device"
     }
 }
 

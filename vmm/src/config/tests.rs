@@ -269,3 +269,23 @@ fn default_api_socket_is_named_after_the_vm() {
     let i = resolve_text(&format!("kernel = \"{KERNEL}\""), Settings::default()).unwrap();
     assert_eq!(i.api_sock, crate::instance::socket_path("t"));
 }
+
+#[test]
+fn a_disk_that_is_no_file_or_block_device_is_named_for_what_it_is() {
+    let flags = |path: &str| Settings {
+        kernel: Some(KERNEL.into()),
+        disk: Some(vec![format!("path={path}").parse().unwrap()]),
+        ..Default::default()
+    };
+    let e = |path: &str| resolve(None, flags(path), &HOST).unwrap_err().to_string();
+    assert_eq!(
+        e("/proc"),
+        "--disk: cannot open disk /proc: it is a directory, not a regular file or block device"
+    );
+    assert_eq!(
+        e("/dev/null"),
+        "--disk: cannot open disk /dev/null: it is a character device, not a regular file or block device"
+    );
+    // A symlink is followed: /proc/self/exe is a regular file.
+    resolve(None, flags(KERNEL), &HOST).unwrap();
+}

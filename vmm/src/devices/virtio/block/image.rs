@@ -2,13 +2,13 @@
 //! Every range a guest names is checked against the image size here, with
 //! checked arithmetic, before any system call sees it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use super::lock::{lock, LockError, LockKind};
+use super::lock::{self, Access, ClaimError, Claimed};
 use crate::config::devices::DiskConfig;
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -19,16 +19,11 @@ pub const ID_LEN: usize = 20;
 pub enum ImageError {
     #[error("cannot open disk image {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
-    #[error("disk image {path} is in use by another VM (lock held by pid {pid})")]
-    LockedBy { path: PathBuf, pid: u32 },
-    #[error("disk image {path} is in use by another VM (lock holder unknown)")]
-    Locked { path: PathBuf },
-    #[error("cannot lock disk image {path}: {source}")]
-    Lock { path: PathBuf, source: io::Error },
+    /// Not a disk, in use elsewhere, or not lockable (see [`lock`]).
+    #[error("disk image {path} {source}")]
+    Refused { path: PathBuf, source: ClaimError },
     #[error("cannot find the size of disk image {path}: {source}")]
     Size { path: PathBuf, source: io::Error },
-    #[error("disk image {path} is a directory")]
-    Directory { path: PathBuf },
 }
 
 /// A byte range of the image a request touches, already validated.
@@ -41,6 +36,8 @@ pub struct Range {
 #[derive(Debug)]
 pub struct DiskImage {
     file: File,
+    /// Backing files under a loop device, locked as long as the disk is open.
+    _held: lock::Held,
     path: PathBuf,
     read_only: bool,
     /// Usable size: the file size rounded down to whole sectors.
@@ -49,33 +46,24 @@ pub struct DiskImage {
 }
 
 impl DiskImage {
-    /// Opens and locks the image (shared for read-only, exclusive otherwise).
+    /// Opens the image and takes its locks (see [`lock`]): a reader's for
+    /// read-only disks, a writer's otherwise.
     pub fn open(cfg: &DiskConfig) -> Result<Self, ImageError> {
         let path = cfg.path.clone();
-        let open_err = |source| ImageError::Open {
-            path: path.clone(),
-            source,
-        };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!cfg.read_only)
-            .open(&path)
-            .map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
-        if meta.is_dir() {
-            return Err(ImageError::Directory { path });
-        }
-        let kind = if cfg.read_only {
-            LockKind::Shared
+        let access = if cfg.read_only {
+            Access::Read
         } else {
-            LockKind::Exclusive
+            Access::Write
         };
-        match lock(&file, kind) {
-            Ok(()) => {}
-            Err(LockError::Held(Some(pid))) => return Err(ImageError::LockedBy { path, pid }),
-            Err(LockError::Held(None)) => return Err(ImageError::Locked { path }),
-            Err(LockError::Io(source)) => return Err(ImageError::Lock { path, source }),
-        }
+        let Claimed {
+            mut file,
+            meta,
+            held,
+        } = match lock::open(&path, access) {
+            Ok(c) => c,
+            Err(ClaimError::Open(source)) => return Err(ImageError::Open { path, source }),
+            Err(source) => return Err(ImageError::Refused { path, source }),
+        };
         // Seeking to the end also sizes block devices, whose metadata says 0.
         let bytes = file
             .seek(SeekFrom::End(0))
@@ -97,6 +85,7 @@ impl DiskImage {
         };
         Ok(Self {
             file,
+            _held: held,
             path,
             read_only: cfg.read_only,
             size: bytes - bytes % SECTOR_SIZE,

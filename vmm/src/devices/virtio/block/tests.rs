@@ -441,9 +441,8 @@ fn writable_images_are_exclusive_and_read_only_ones_shared() {
     assert_eq!(
         err,
         format!(
-            "disk image {} is in use by another VM (lock held by pid {})",
-            p.display(),
-            std::process::id()
+            "disk image {} is already open in this VM (the same disk given twice?)",
+            p.display()
         )
     );
     assert!(
