@@ -108,6 +108,22 @@ pub fn fill_sector(seed: u64, sector: u64, out: &mut [u64; SECTOR_WORDS]) {
     fill_words(DOMAIN_BLOCK, seed, sector / 8, first, out);
 }
 
+/// Word 0 of every block the probe's `blk-seq` writes: `KSMVMSEQ`.
+pub const SEQ_MARKER: u64 = u64::from_le_bytes(*b"KSMVMSEQ");
+
+/// Fills `out` with block `seq` of the probe's `blk-seq` writer (block
+/// `seq` is sector `seq`): [`fill_sector`]`(seed, seq)` with word 0
+/// [`SEQ_MARKER`], word 1 `seq` and word 2 `seed`, so that a host test can
+/// tell a block that was written from one that was not (or is stale, or
+/// torn) by comparing the whole sector.
+#[inline]
+pub fn seq_sector(seed: u64, seq: u64, out: &mut [u64; SECTOR_WORDS]) {
+    fill_sector(seed, seq, out);
+    out[0] = SEQ_MARKER;
+    out[1] = seq;
+    out[2] = seed;
+}
+
 /// FNV-1a's 64-bit prime: odd, so `x -> x * P` is a bijection.
 const LANE_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// FNV-1a's 64-bit offset basis.
@@ -233,6 +249,20 @@ mod tests {
             expected_checksum(DOMAIN_UNIQUE, 42, 10),
             expected_checksum(DOMAIN_UNIQUE, 42, 10)
         );
+    }
+
+    #[test]
+    fn seq_blocks_carry_marker_number_and_seed() {
+        let mut a = [0u64; SECTOR_WORDS];
+        let mut plain = [0u64; SECTOR_WORDS];
+        seq_sector(9, 1234, &mut a);
+        fill_sector(9, 1234, &mut plain);
+        assert_eq!(a[..3], [SEQ_MARKER, 1234, 9]);
+        assert_eq!(a[3..], plain[3..]);
+        assert_eq!(SEQ_MARKER.to_le_bytes(), *b"KSMVMSEQ");
+        let mut b = [0u64; SECTOR_WORDS];
+        seq_sector(9, 1235, &mut b);
+        assert_ne!(a[3..], b[3..]);
     }
 
     #[test]

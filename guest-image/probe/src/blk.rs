@@ -13,7 +13,10 @@ const CFG_CAPACITY: usize = 0;
 const CFG_SIZE_MAX: usize = 8;
 const CFG_SEG_MAX: usize = 12;
 
-const T_IN: u32 = 0;
+/// The features `init` asks for.
+const WANTED: u64 = F_SIZE_MAX | F_SEG_MAX | F_RO | F_FLUSH;
+
+pub const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
@@ -87,7 +90,7 @@ impl Blk {
     }
 
     fn try_init(mmio: &Mmio, arena: &mut Arena) -> Result<(u64, Virtq, u64), Error> {
-        let features = mmio.begin_init(F_SIZE_MAX | F_SEG_MAX | F_RO | F_FLUSH)?;
+        let features = mmio.begin_init(WANTED)?;
         let q = mmio.setup_queue(0, virtio::QUEUE_MAX, arena)?;
         let hdrs = arena.alloc(4096)?;
         mmio.driver_ok();
@@ -126,6 +129,19 @@ impl Blk {
             heads: [u16::MAX; DEPTH_MAX],
             done: [false; DEPTH_MAX],
         }
+    }
+
+    /// Resets the device and brings it up again as `init` did, in the same
+    /// ring page (after a hostile command drove it with rings of its own).
+    pub fn reinit(&mut self) -> Result<(), Error> {
+        self.mmio.begin_init(WANTED)?;
+        self.q = self
+            .mmio
+            .setup_queue_in(0, virtio::QUEUE_MAX, self.q.page())?;
+        self.mmio.driver_ok();
+        self.heads = [u16::MAX; DEPTH_MAX];
+        self.done = [false; DEPTH_MAX];
+        Ok(())
     }
 
     fn status_ptr(&self, slot: usize) -> *mut u8 {

@@ -179,6 +179,19 @@ impl Net {
     /// Returns frames sent and TSC cycles from the first frame queued to the
     /// last one used by the device.
     pub fn send(&mut self, count: u64, size: u64) -> Result<(u64, u64), Error> {
+        self.send_from(count, size, false, TIMEOUT_S)
+    }
+
+    /// Like `send`; with `forge` each frame's source MAC is a made-up one,
+    /// `forged_mac(seq)`, instead of ours. `timeout_s`: how long to wait for
+    /// the device to take a transmit buffer (a rate-limited device is slow).
+    pub fn send_from(
+        &mut self,
+        count: u64,
+        size: u64,
+        forge: bool,
+        timeout_s: u64,
+    ) -> Result<(u64, u64), Error> {
         let size = size as usize;
         let start = rdtsc();
         let mut words = [0u64; (FRAME_MAX as usize).div_ceil(8)];
@@ -191,12 +204,17 @@ impl Net {
                 }
                 self.tx.kick();
                 let (tx, mmio) = (&self.tx, &self.mmio);
-                virtio::wait(mmio, TIMEOUT_S, || tx.has_used())?;
+                virtio::wait(mmio, timeout_s, || tx.has_used())?;
             };
             buf[..HDR].fill(0);
             let f = &mut buf[HDR..HDR + size];
             f[..6].fill(0xff);
-            f[6..12].copy_from_slice(&self.mac);
+            let src = if forge {
+                forged_mac(seq, &self.mac)
+            } else {
+                self.mac
+            };
+            f[6..12].copy_from_slice(&src);
             f[12..14].copy_from_slice(&ETHERTYPE.to_be_bytes());
             f[14..22].copy_from_slice(&seq.to_le_bytes());
             fill_words(DOMAIN_NET, 0, seq, 0, &mut words[..pattern_words]);
@@ -211,10 +229,22 @@ impl Net {
         }
         self.tx.kick();
         let (tx, mmio) = (&mut self.tx, &self.mmio);
-        virtio::wait(mmio, TIMEOUT_S, || {
+        virtio::wait(mmio, timeout_s, || {
             while tx.pop_used().is_some() {}
             tx.num_free() == tx.size
         })?;
         Ok((count, rdtsc().wrapping_sub(start)))
     }
+}
+
+/// The source MAC of forged frame `seq`: 02:66:6f (locally administered
+/// unicast, "fo") and the low 24 bits of `seq`, a new address for every
+/// frame (what fills a bridge's forwarding table); never `own`.
+pub fn forged_mac(seq: u64, own: &[u8; 6]) -> [u8; 6] {
+    let s = seq.to_be_bytes();
+    let mut mac = [0x02, 0x66, 0x6f, s[5], s[6], s[7]];
+    if mac == *own {
+        mac[1] ^= 0x80;
+    }
+    mac
 }

@@ -49,10 +49,13 @@ const INT_CONFIG: u32 = 2;
 
 /// VIRTIO_F_VERSION_1.
 pub const F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_F_INDIRECT_DESC (only the hostile `blk-alias` negotiates it).
+pub const F_INDIRECT_DESC: u64 = 1 << 28;
 
 // Descriptor flags (2.7.5).
-const DESC_NEXT: u16 = 1;
+pub const DESC_NEXT: u16 = 1;
 pub const DESC_WRITE: u16 = 2;
+pub const DESC_INDIRECT: u16 = 4;
 /// used->flags: the device does not need notifications.
 const USED_F_NO_NOTIFY: u16 = 1;
 
@@ -224,14 +227,24 @@ impl Mmio {
         self.read(REG_STATUS) & 64 != 0
     }
 
-    /// Resets the device and negotiates `wanted & offered` features;
-    /// VIRTIO_F_VERSION_1 is required. Returns the negotiated features.
-    /// Queues are set up next with `setup_queue`, then `driver_ok`.
-    pub fn begin_init(&self, wanted: u64) -> Result<u64, Error> {
+    /// Writes QueueNotify for queue `index`, whatever its state.
+    pub fn notify(&self, index: u16) {
+        self.write(REG_QUEUE_NOTIFY, u32::from(index));
+    }
+
+    /// Resets the device (status 0) and waits until it reads back 0.
+    pub fn reset(&self) {
         self.write(REG_STATUS, 0);
         while self.read(REG_STATUS) != 0 {
             core::hint::spin_loop();
         }
+    }
+
+    /// Resets the device and negotiates `wanted & offered` features;
+    /// VIRTIO_F_VERSION_1 is required. Returns the negotiated features.
+    /// Queues are set up next with `setup_queue`, then `driver_ok`.
+    pub fn begin_init(&self, wanted: u64) -> Result<u64, Error> {
+        self.reset();
         self.write(REG_STATUS, S_ACKNOWLEDGE);
         self.write(REG_STATUS, S_ACKNOWLEDGE | S_DRIVER);
         let mut offered = 0u64;
@@ -265,15 +278,6 @@ impl Mmio {
     /// Sets up queue `index` with at most `want` entries (a power of two at
     /// most `QUEUE_MAX`), rings in one fresh arena page.
     pub fn setup_queue(&self, index: u16, want: u16, arena: &mut Arena) -> Result<Virtq, Error> {
-        self.write(REG_QUEUE_SEL, u32::from(index));
-        let max = self.read(REG_QUEUE_NUM_MAX);
-        if max == 0 || self.read(REG_QUEUE_READY) != 0 {
-            self.fail();
-            return Err(Error::QueueUnavailable);
-        }
-        // The largest power of two within both limits.
-        let cap = max.min(u32::from(want.min(QUEUE_MAX)));
-        let size = 1u16 << (31 - cap.leading_zeros());
         let page = match arena.alloc(4096) {
             Ok(p) => p,
             Err(e) => {
@@ -281,10 +285,26 @@ impl Mmio {
                 return Err(e);
             }
         };
-        let n = u64::from(size);
-        let desc = page;
-        let avail = desc + 16 * n;
-        let used = (avail + 6 + 2 * n).next_multiple_of(4);
+        self.setup_queue_in(index, want, page)
+    }
+
+    /// The largest power of two queue size within `want` and queue
+    /// `index`'s QueueNumMax (the queue selected); fails (and sets FAILED)
+    /// if the queue is unavailable.
+    fn queue_size(&self, index: u16, want: u16) -> Result<u16, Error> {
+        self.write(REG_QUEUE_SEL, u32::from(index));
+        let max = self.read(REG_QUEUE_NUM_MAX);
+        if max == 0 || want == 0 || self.read(REG_QUEUE_READY) != 0 {
+            self.fail();
+            return Err(Error::QueueUnavailable);
+        }
+        let cap = max.min(u32::from(want));
+        Ok(1u16 << (31 - cap.leading_zeros()))
+    }
+
+    /// Programs queue `index` (selected by `queue_size`) with `size`
+    /// entries and its three rings, and enables it.
+    fn program_queue(&self, size: u16, desc: u64, avail: u64, used: u64) {
         self.write(REG_QUEUE_NUM, u32::from(size));
         for (lo, hi, addr) in [
             (REG_QUEUE_DESC_LOW, REG_QUEUE_DESC_HIGH, desc),
@@ -295,6 +315,37 @@ impl Mmio {
             self.write(hi, (addr >> 32) as u32);
         }
         self.write(REG_QUEUE_READY, 1);
+    }
+
+    /// Sets up queue `index` with up to `want` entries (a power of two)
+    /// whose rings the caller placed: descriptors at `desc` (16 bytes an
+    /// entry), the available ring at `avail`, the used ring at `used`, all
+    /// zeroed and large enough for `want` entries. Returns the size chosen.
+    pub fn setup_raw_queue(
+        &self,
+        index: u16,
+        want: u16,
+        desc: u64,
+        avail: u64,
+        used: u64,
+    ) -> Result<u16, Error> {
+        let size = self.queue_size(index, want)?;
+        self.program_queue(size, desc, avail, used);
+        Ok(size)
+    }
+
+    /// Sets up queue `index` as `setup_queue` does, in the given ring page
+    /// (4 KiB of arena RAM owned by this queue; zeroed here).
+    pub fn setup_queue_in(&self, index: u16, want: u16, page: u64) -> Result<Virtq, Error> {
+        let size = self.queue_size(index, want.min(QUEUE_MAX))?;
+        // SAFETY: the caller hands over the ring page, which nothing else
+        // uses; the device does not know it yet (the queue is not ready).
+        unsafe { core::ptr::write_bytes(page as *mut u8, 0, 4096) };
+        let n = u64::from(size);
+        let desc = page;
+        let avail = desc + 16 * n;
+        let used = (avail + 6 + 2 * n).next_multiple_of(4);
+        self.program_queue(size, desc, avail, used);
         let mut q = Virtq {
             index,
             size,
@@ -365,6 +416,11 @@ impl Virtq {
     fn flags_of(&self, i: u16) -> u16 {
         // SAFETY: as in `set_next`; flags are at offset 12.
         unsafe { self.desc_ptr(i).add(12).cast::<u16>().read_volatile() }
+    }
+
+    /// The ring page (see `Mmio::setup_queue_in`).
+    pub fn page(&self) -> u64 {
+        self.desc
     }
 
     /// Free descriptors.

@@ -226,3 +226,57 @@ pub fn error_message(r: &ClientResponse) -> String {
     let v: serde_json::Value = serde_json::from_slice(&r.body).expect("error body is JSON");
     v["error"].as_str().expect("error field").to_owned()
 }
+
+/// `GET /stats` as JSON, whatever fields this build of ksmvm has.
+///
+/// # Errors
+/// When the API does not answer 200 with JSON.
+pub fn stats_json(client: &ApiClient) -> Result<serde_json::Value, String> {
+    let r = client
+        .request("GET", "/stats", None)
+        .map_err(|e| format!("GET /stats: {e}"))?;
+    if r.status != 200 {
+        return Err(format!(
+            "GET /stats: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        ));
+    }
+    serde_json::from_slice(&r.body).map_err(|e| format!("GET /stats: {e}"))
+}
+
+/// The `counters` object of device `id` in `GET /stats`'s `devices` list
+/// (None if the VMM reports no such device, or no per-device counters).
+///
+/// # Errors
+/// As [`stats_json`].
+pub fn device_counters(
+    client: &ApiClient,
+    id: &str,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, String> {
+    let stats = stats_json(client)?;
+    Ok(stats["devices"].as_array().and_then(|devs| {
+        devs.iter()
+            .find(|d| d["id"].as_str() == Some(id))
+            .and_then(|d| d["counters"].as_object().cloned())
+    }))
+}
+
+/// One counter of device `id` (see [`device_counters`]).
+///
+/// # Panics
+/// When the API does not answer, or the device or counter is missing,
+/// with the whole `GET /stats` body.
+pub fn device_counter(client: &ApiClient, id: &str, name: &str) -> u64 {
+    let counters = device_counters(client, id).unwrap_or_else(|e| panic!("{e}"));
+    counters
+        .as_ref()
+        .and_then(|c| c.get(name))
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or_else(|| {
+            panic!(
+                "GET /stats has no counter {name:?} for device {id:?}: {}",
+                stats_json(client).map_or_else(|e| e, |v| v.to_string())
+            )
+        })
+}

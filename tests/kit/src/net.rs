@@ -144,6 +144,79 @@ impl NetNs {
     }
 }
 
+/// A link's packet counters (`ip -s link`): what the kernel saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkPackets {
+    /// Received by the interface: for a TAP, frames the VMM wrote to it
+    /// (the guest's transmissions).
+    pub rx: u64,
+    /// Sent by the interface: for a TAP, frames towards the guest.
+    pub tx: u64,
+    pub rx_dropped: u64,
+}
+
+impl NetNs {
+    /// Runs `ip -n NAME -j ARGS...` and parses its JSON output.
+    fn ip_json(&self, args: &[&str]) -> io::Result<serde_json::Value> {
+        let out = Command::new("ip")
+            .args(["-n", self.name.as_str(), "-j"])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "ip -n {} -j {args:?}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            )));
+        }
+        serde_json::from_slice(&out.stdout).map_err(io::Error::other)
+    }
+
+    /// The packet counters of `ifname` in the namespace.
+    pub fn link_packets(&self, ifname: &str) -> io::Result<LinkPackets> {
+        let v = self.ip_json(&["-s", "link", "show", "dev", ifname])?;
+        let s = &v[0]["stats64"];
+        let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+        Ok(LinkPackets {
+            rx: n(&s["rx"]["packets"]),
+            tx: n(&s["tx"]["packets"]),
+            rx_dropped: n(&s["rx"]["dropped"]),
+        })
+    }
+
+    /// The flags of `ifname` as ip(8) shows them (`UP`, `NO-CARRIER`, ...).
+    pub fn link_flags(&self, ifname: &str) -> io::Result<Vec<String>> {
+        let v = self.ip_json(&["link", "show", "dev", ifname])?;
+        Ok(v[0]["flags"]
+            .as_array()
+            .map(|f| {
+                f.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Whether a process holds TAP `ifname` open (a TAP nobody holds has
+    /// no carrier).
+    pub fn tap_attached(&self, ifname: &str) -> io::Result<bool> {
+        Ok(!self.link_flags(ifname)?.iter().any(|f| f == "NO-CARRIER"))
+    }
+
+    /// The names of the links in the namespace (`lo` included).
+    pub fn links(&self) -> io::Result<Vec<String>> {
+        let v = self.ip_json(&["link", "show"])?;
+        Ok(v.as_array()
+            .map(|links| {
+                links
+                    .iter()
+                    .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")

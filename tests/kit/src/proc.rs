@@ -161,3 +161,144 @@ impl ThreadCpu {
         )
     }
 }
+
+/// The fields of /proc/PID[/task/TID]/stat after the parenthesised comm
+/// (which may hold spaces): `fields[0]` is field 3 (state).
+fn stat_fields(path: &str) -> io::Result<Vec<String>> {
+    let stat = std::fs::read_to_string(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
+    let rest = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 2..))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: no comm")))?;
+    Ok(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// utime + stime of a /proc stat file, in seconds (clock ticks).
+fn stat_cpu_s(path: &str) -> io::Result<f64> {
+    let f = stat_fields(path)?;
+    let tick = |i: usize| -> io::Result<u64> {
+        f.get(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: field {i}")))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.approx_f64();
+    Ok((tick(11)? + tick(12)?).approx_f64() / hz)
+}
+
+/// CPU time (utime + stime, seconds) of the whole process `pid`, threads
+/// that already exited included.
+pub fn process_cpu_s(pid: u32) -> io::Result<f64> {
+    stat_cpu_s(&format!("/proc/{pid}/stat"))
+}
+
+/// The threads of `pid`: (tid, comm).
+pub fn threads(pid: u32) -> io::Result<Vec<(u32, String)>> {
+    let dir = format!("/proc/{pid}/task");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).map_err(|e| io::Error::new(e.kind(), format!("{dir}: {e}")))? {
+        let e = e?;
+        let Ok(tid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // A thread that ended meanwhile has no comm any more.
+        if let Ok(comm) = std::fs::read_to_string(e.path().join("comm")) {
+            out.push((tid, comm.trim_end().to_owned()));
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// A snapshot of a process's CPU time, split into the threads a caller
+/// counts and the ones it leaves out (a VMM's vCPU threads: the guest's
+/// own CPU), for the host-side cost of what a guest makes the VMM do.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSample {
+    pub at: std::time::Instant,
+    /// The whole process, exited threads included.
+    pub process_s: f64,
+    /// The threads left out, summed.
+    pub excluded_s: f64,
+}
+
+impl CpuSample {
+    /// Samples `pid`, leaving out the threads whose comm `exclude` accepts.
+    pub fn take(pid: u32, exclude: impl Fn(&str) -> bool) -> io::Result<CpuSample> {
+        let at = std::time::Instant::now();
+        let mut excluded_s = 0.0;
+        for (tid, comm) in threads(pid)? {
+            if exclude(&comm) {
+                excluded_s += stat_cpu_s(&format!("/proc/{pid}/task/{tid}/stat")).unwrap_or(0.0);
+            }
+        }
+        Ok(CpuSample {
+            at,
+            process_s: process_cpu_s(pid)?,
+            excluded_s,
+        })
+    }
+
+    /// Samples a ksmvm VMM without its vCPU threads (`vcpuN`).
+    pub fn vmm(pid: u32) -> io::Result<CpuSample> {
+        CpuSample::take(pid, |comm| comm.starts_with("vcpu"))
+    }
+
+    /// The counted threads' CPU time since `earlier` as a share of one
+    /// core (1.0: one core busy all the time). Excluded threads must live
+    /// through both samples (vCPUs do).
+    pub fn share_since(&self, earlier: &CpuSample) -> f64 {
+        let wall = self.at.duration_since(earlier.at).as_secs_f64();
+        let cpu = (self.process_s - self.excluded_s) - (earlier.process_s - earlier.excluded_s);
+        if wall > 0.0 {
+            cpu / wall
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Open file descriptors of `pid` (entries of /proc/PID/fd).
+pub fn fd_count(pid: u32) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Threads of `pid` (entries of /proc/PID/task).
+pub fn thread_count(pid: u32) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/task"))?.count())
+}
+
+/// Resident set size of `pid` in bytes (VmRSS of /proc/PID/status).
+pub fn rss_bytes(pid: u32) -> io::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: no VmRSS")))
+}
+
+/// The processes whose parent is `pid` (/proc/*/stat), with their comm.
+pub fn children(pid: u32) -> Vec<(u32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let path = format!("/proc/{child}/stat");
+        let Ok(f) = stat_fields(&path) else { continue };
+        // Field 4 (ppid) is fields[1].
+        if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
+            out.push((child, comm.trim_end().to_owned()));
+        }
+    }
+    out.sort_unstable();
+    out
+}
