@@ -188,11 +188,13 @@ fn run(epoll: Epoll, mut devices: Vec<LoopDevice>) -> Result<(), EventLoopError>
                         dev.deferred.push(index);
                         continue;
                     }
-                    dev.notify.charge(0);
                     // Consume first: a notification that arrives while the
                     // queue is served wakes us again, and the queue code
                     // rechecks the ring before it re-enables notifications.
-                    let _ = evt.read();
+                    // The count is how many notifications the guest made
+                    // (KVM adds one per write), and what it is charged.
+                    let count = evt.read().unwrap_or(1);
+                    dev.notify.charge_many(count, 0);
                     lock(&dev.transport).process_queue(index);
                 }
                 KIND_SOURCE => lock(&dev.transport).handle_event(index),

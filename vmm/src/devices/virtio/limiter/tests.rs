@@ -110,3 +110,38 @@ fn unlimited_limiters_always_admit_and_have_no_timer() {
     }
     assert_eq!(ms(&l.throttled_ns()), 0);
 }
+
+#[test]
+fn a_pile_of_operations_costs_at_most_one_second_and_throttling_sleeps_in_batches() {
+    let mut l = RateLimiter::new(Limits {
+        bytes_per_s: None,
+        ops_per_s: Some(20_000),
+    })
+    .unwrap();
+    let t0 = Instant::now();
+    assert!(l.admit_at(t0));
+    // A million notifications piled up in an eventfd.
+    l.charge_many(1_000_000, 0);
+    let wait = l.ops.as_ref().unwrap().wait();
+    assert!(
+        wait <= Duration::from_secs(1) + Duration::from_millis(1),
+        "{wait:?}"
+    );
+    assert!(!l.admit_at(t0));
+    l.on_timer_at(t0 + Duration::from_secs(1));
+    // One token short: the device still sleeps MIN_THROTTLE, not 50 us.
+    let t1 = t0 + Duration::from_secs(1);
+    l.charge_many(20_000, 0);
+    assert!(!l.admit_at(t1));
+    let fd = l.timer_fd().unwrap();
+    let mut spec = std::mem::MaybeUninit::<libc::itimerspec>::zeroed();
+    // SAFETY: timerfd_gettime writes one itimerspec into `spec`.
+    assert_eq!(unsafe { libc::timerfd_gettime(fd, spec.as_mut_ptr()) }, 0);
+    // SAFETY: initialised by the successful call above.
+    let spec = unsafe { spec.assume_init() };
+    let armed = Duration::new(
+        u64::try_from(spec.it_value.tv_sec).unwrap(),
+        u32::try_from(spec.it_value.tv_nsec).unwrap(),
+    );
+    assert!(armed > MIN_THROTTLE / 2, "armed for {armed:?}");
+}
