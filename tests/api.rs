@@ -108,6 +108,19 @@ fn info_stats_and_metrics() {
         "the guest touched its memory: {stats:?}"
     );
     assert!(stats.process_rss >= stats.guest_ram.rss);
+    // The serial port and every device report their counters.
+    let serial = stats.serial.expect("serial counters");
+    assert_eq!(serial.written_bytes, 0, "--serial none writes nothing");
+    assert_eq!(serial.dropped_bytes, 0);
+    let rng = stats
+        .devices
+        .iter()
+        .find(|d| d.id == "rng0")
+        .unwrap_or_else(|| panic!("no rng0 in {:?}", stats.devices));
+    assert_eq!(rng.kind, "rng");
+    for k in ["bytes", "throttled_ms", "notify_throttled_ms"] {
+        assert!(rng.counters.contains_key(k), "rng0 lacks {k}: {rng:?}");
+    }
     // The raw JSON has the documented top-level fields.
     let raw_stats = raw(&vm.socket, &request("GET", "/stats", b""));
     assert_eq!(raw_stats.status, 200);
@@ -159,6 +172,16 @@ fn info_stats_and_metrics() {
         .all(|s| s.labels.get("vm") == Some("routes")));
     if stats.guest_ram.ksm.is_none() {
         assert!(!text.contains("ksmvm_guest_ram_ksm_bytes"));
+    }
+    for name in [
+        "ksmvm_serial_written_bytes_total",
+        "ksmvm_rng_bytes_total",
+        "ksmvm_device_notify_throttled_seconds_total",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} counter\n")),
+            "{name} missing:\n{text}"
+        );
     }
     if let Some(p) = stats.ksm.ksm_merging_pages {
         let got = value(sample(&scrape, "ksmvm_ksm_merging_pages", None).unwrap());

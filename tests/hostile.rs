@@ -521,3 +521,103 @@ fn rng_reads_are_held_to_the_entropy_rate() {
     assert_eq!(device_counter(&api, "rng0", "bytes"), BYTES);
     vm.poweroff();
 }
+
+/// Waits until `path` holds `prefix` at the start of a line, or after the
+/// cut-off fragment the rate limit left of the line before.
+fn wait_for_file_line(path: &Path, prefix: &str, timeout: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().any(|l| l.contains(prefix)) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "no {prefix:?} line in {} after {timeout:?}:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A guest that floods its serial port into a `file:` sink gets the
+/// serial rate and no more: the file grows by at most the burst plus the
+/// rate over the flood, the rest is dropped and counted in `/stats` and
+/// `/metrics`, the VMM says so on stderr, and the port works again once
+/// the bucket has refilled.
+#[test]
+fn a_serial_flood_is_held_to_the_serial_rate_and_counted() {
+    if !have_kvm() {
+        return;
+    }
+    const RATE: u64 = 1024;
+    const BURST: u64 = 4096;
+    const BYTES: u64 = 40_000;
+    let _one = one_at_a_time();
+    let dir = TempDir::new("serial-flood");
+    let log = dir.join("serial.log");
+    let sink = format!("file:{}", log.display());
+    let mut vm = Vmm::spawn(probe_vm_args(&[
+        "--serial",
+        &sink,
+        "--serial-rate-kib-s",
+        "1",
+        "--serial-burst-kib",
+        "4",
+    ]));
+    wait_for_file_line(&log, "PROBE READY", T);
+    let api = vm.api(NAME);
+    let serial = |api: &ksmvm::api::ApiClient| {
+        api.stats()
+            .expect("GET /stats")
+            .serial
+            .expect("serial counters")
+    };
+    let s0 = serial(&api);
+    let t0 = Instant::now();
+    vm.send(&format!("serial-flood {BYTES}"));
+    // Every byte of the flood has met the limiter (written or dropped).
+    let s1 = loop {
+        let s = serial(&api);
+        if s.written_bytes + s.dropped_bytes >= s0.written_bytes + s0.dropped_bytes + BYTES {
+            break s;
+        }
+        assert!(t0.elapsed() < T, "flood not over after {T:?}: {s:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = t0.elapsed();
+    let written = s1.written_bytes - s0.written_bytes;
+    let allowed = BURST + (RATE.approx_f64() * (secs(took) + 1.0)) as u64;
+    eprintln!(
+        "serial-flood {BYTES}: {:.2} s, {written} bytes written (at most {allowed}), {} dropped",
+        secs(took),
+        s1.dropped_bytes - s0.dropped_bytes
+    );
+    assert!(
+        written <= allowed,
+        "{written} bytes written in {took:?}, at most {allowed}"
+    );
+    assert!(s1.dropped_bytes - s0.dropped_bytes >= BYTES - allowed);
+    assert_eq!(s1.rotations, 0);
+    let on_disk = std::fs::metadata(&log).unwrap().len();
+    assert_eq!(on_disk, s1.written_bytes, "the file holds what was written");
+    let metrics = api.metrics().unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "ksmvm_serial_dropped_bytes_total{{vm=\"{NAME}\"}} {}",
+            s1.dropped_bytes
+        )),
+        "{metrics}"
+    );
+    assert!(
+        vm.stderr_text()
+            .contains("serial: guest output is over its limit"),
+        "the VMM says it drops guest output: {}",
+        vm.stderr_text()
+    );
+    // Once the bucket has refilled, the guest is heard again.
+    std::thread::sleep(Duration::from_secs(BURST / RATE + 1));
+    vm.send("ping");
+    wait_for_file_line(&log, "PROBE PONG", Duration::from_secs(10));
+    vm.poweroff();
+}

@@ -45,6 +45,7 @@ impl VmBackend for VmHandle {
         // The guest's own view of its memory joins the host's.
         stats.balloon = balloon(self).and_then(|b| b.stats());
         stats.devices = self.device_counters();
+        stats.serial = Some(self.serial_counters());
         Ok(stats)
     }
 

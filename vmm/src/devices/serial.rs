@@ -6,7 +6,8 @@
 mod output;
 
 pub use output::{
-    marks_stdout, open as open_output, rotated_path, SerialStats, GUEST_LINE_PREFIX, MAX_LINE,
+    marks_stdout, open as open_output, rotated_path, SerialCounters, SerialStats,
+    GUEST_LINE_PREFIX, MAX_LINE,
 };
 
 use std::collections::VecDeque;

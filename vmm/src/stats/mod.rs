@@ -115,6 +115,10 @@ pub struct VmStats {
     /// Every virtio device's counters (requests, bytes, throttled time).
     #[serde(default)]
     pub devices: Vec<crate::devices::virtio::DeviceCounters>,
+    /// The serial port's output: bytes written, dropped by its rate limit,
+    /// file rotations.
+    #[serde(default)]
+    pub serial: Option<crate::devices::serial::SerialCounters>,
 }
 
 impl KsmProcessStats {
@@ -189,6 +193,7 @@ impl VmStats {
             detail_age_ms: None,
             balloon: None,
             devices: Vec::new(),
+            serial: None,
         }
     }
 }

@@ -256,6 +256,26 @@ impl Exposition {
             s.ksm_saved_bytes,
         );
         self.add_devices(&info.name, &s.devices);
+        if let Some(serial) = &s.serial {
+            self.counter(
+                "ksmvm_serial_written_bytes_total",
+                "Guest serial output passed on to its sink.",
+                &l,
+                Some(serial.written_bytes),
+            );
+            self.counter(
+                "ksmvm_serial_dropped_bytes_total",
+                "Guest serial output dropped by its rate limit.",
+                &l,
+                Some(serial.dropped_bytes),
+            );
+            self.counter(
+                "ksmvm_serial_rotations_total",
+                "Rotations of the guest's serial log file at its size cap.",
+                &l,
+                Some(serial.rotations),
+            );
+        }
         let Some(b) = &s.balloon else { return };
         self.gauge(
             "ksmvm_guest_free_bytes",

@@ -17,6 +17,7 @@ use vm_memory::GuestMemoryMmap;
 use super::info::{VmInfo, VmState};
 use crate::config::OnOff;
 use crate::devices::bus::lock;
+use crate::devices::serial::{SerialCounters, SerialStats};
 use crate::devices::virtio::{DeviceId, DeviceInfo, DeviceLookupError, Devices, VirtioDevice};
 use crate::memory::{self, MemoryError};
 use crate::outcome::ExitOutcome;
@@ -67,6 +68,8 @@ pub struct VmHandle {
     /// None with the reason when sampling cannot work on this host.
     pub(super) sampler: Result<Mutex<Sampler>, String>,
     devices: Devices,
+    /// The serial port's output counters (read without its lock).
+    serial: Arc<SerialStats>,
 }
 
 impl std::fmt::Debug for VmHandle {
@@ -88,6 +91,7 @@ impl VmHandle {
         mergeable: bool,
         vcpus: Vec<VcpuHandle>,
         devices: Devices,
+        serial: Arc<SerialStats>,
     ) -> Self {
         let regions = memory::host_regions(&mem)
             .into_iter()
@@ -107,6 +111,7 @@ impl VmHandle {
             merge_change: Mutex::new(()),
             sampler,
             devices,
+            serial,
         }
     }
 
@@ -132,6 +137,7 @@ impl VmHandle {
             mergeable,
             Vec::new(),
             Devices::default(),
+            Arc::default(),
         )
     }
 
@@ -314,6 +320,11 @@ impl VmHandle {
     /// The virtio devices, in the order the guest sees them.
     pub fn devices(&self) -> impl Iterator<Item = (&DeviceId, &DeviceInfo)> {
         self.devices.iter()
+    }
+
+    /// The serial port's output counters, for `/stats`.
+    pub fn serial_counters(&self) -> SerialCounters {
+        self.serial.counters()
     }
 
     /// Every device's counters, for `/stats`.

@@ -163,6 +163,7 @@ impl Vm {
             self.config.ksm,
             vcpus,
             devices,
+            crate::devices::bus::lock(&self.serial).stats(),
         ));
         Ok(RunningVm {
             handle,

@@ -45,7 +45,26 @@ pub struct SerialStats {
     rotations: AtomicU64,
 }
 
+/// The serial port's counters as `/stats` reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialCounters {
+    pub written_bytes: u64,
+    /// Dropped by the rate limit (`serial_rate_kib_s`).
+    pub dropped_bytes: u64,
+    /// Rotations of a `file:` sink at `serial_file_max_mib`.
+    pub rotations: u64,
+}
+
 impl SerialStats {
+    /// A snapshot for `/stats`.
+    pub fn counters(&self) -> SerialCounters {
+        SerialCounters {
+            written_bytes: self.written_bytes(),
+            dropped_bytes: self.dropped_bytes(),
+            rotations: self.rotations(),
+        }
+    }
+
     /// Guest bytes passed on to the sink.
     pub fn written_bytes(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
