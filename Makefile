@@ -4,7 +4,7 @@ PROBE := guest-image/probe/target/release/probe
 KSMVM := target/vmm/ksmvm
 BENCH := target/release/ksmvm-bench
 
-.PHONY: all build ksmvm probe demo test test-probe test-linux linux-lane fuzz lint fmt kernel clean
+.PHONY: all build ksmvm probe demo test test-probe test-linux test-cycles linux-lane fuzz lint fmt kernel clean
 
 all: build
 
@@ -56,6 +56,12 @@ test-linux: linux-lane
 		sed -n 's/.*Executable .*(\(.*\))$$/\1/p')"; \
 	test -x "$$bin" || { echo "cannot build tests/real_linux.rs" >&2; exit 1; }; \
 	target/release/ksmvm-testhost suite $(if $(TESTS),--filter $(TESTS)) -- "$$bin"
+
+# 1,000 start/stop cycles of a probe VM (tests/cycles.rs; KSMVM_CYCLES=N
+# for another count): no process, TAP, socket or runtime file left behind,
+# and the harness's fds, threads and memory unchanged. Needs root.
+test-cycles: probe
+	$(CARGO) test -p ksmvm --test cycles -- --ignored --nocapture
 
 # Fuzz every virtio target for FUZZ_SECONDS each (not part of CI; needs
 # `cargo install cargo-fuzz`). Figures per target: docs/fuzzing.md.

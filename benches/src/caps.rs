@@ -12,6 +12,10 @@ pub struct VmmCaps {
     pub ksm_value: bool,
     /// `--api-sock PATH` (the control API).
     pub api_sock: bool,
+    /// `--shutdown-timeout-s N`: the harness passes 0, because the probe
+    /// ignores Ctrl-Alt-Del and a SIGTERM would otherwise wait out the
+    /// default (30 s) before the VM stops.
+    pub shutdown_timeout: bool,
 }
 
 impl VmmCaps {
@@ -27,6 +31,7 @@ impl VmmCaps {
         Self {
             ksm_value: help.contains("--ksm <"),
             api_sock: help.contains("--api-sock"),
+            shutdown_timeout: help.contains("--shutdown-timeout-s"),
         }
     }
 }
@@ -39,8 +44,8 @@ mod tests {
     fn reads_help_text() {
         let old = "      --ksm                    Mark guest memory MADV_MERGEABLE for KSM\n";
         assert_eq!(VmmCaps::from_help(old), VmmCaps::default());
-        let new = "      --ksm <KSM>   on or off\n      --api-sock <API_SOCK>\n";
+        let new = "      --ksm <KSM>   on or off\n      --api-sock <API_SOCK>\n      --shutdown-timeout-s <S>\n";
         let c = VmmCaps::from_help(new);
-        assert!(c.ksm_value && c.api_sock);
+        assert!(c.ksm_value && c.api_sock && c.shutdown_timeout);
     }
 }

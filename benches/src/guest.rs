@@ -78,6 +78,9 @@ impl Launcher {
         if self.caps.ksm_value {
             l = l.args(["--ksm", if spec.ksm { "on" } else { "off" }]);
         }
+        if self.caps.shutdown_timeout {
+            l = l.args(["--shutdown-timeout-s", "0"]);
+        }
         l = l.args(&self.extra_args);
         for (k, v) in &self.env {
             l = l.env(k, v);
