@@ -587,7 +587,8 @@ fn a_serial_flood_is_held_to_the_serial_rate_and_counted() {
     };
     let took = t0.elapsed();
     let written = s1.written_bytes - s0.written_bytes;
-    let allowed = BURST + (RATE.approx_f64() * (secs(took) + 1.0)) as u64;
+    let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+    let allowed = BURST + RATE * (took_ms + 1000) / 1000;
     eprintln!(
         "serial-flood {BYTES}: {:.2} s, {written} bytes written (at most {allowed}), {} dropped",
         secs(took),
