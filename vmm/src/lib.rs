@@ -23,6 +23,7 @@ pub mod shutdown;
 pub mod stats;
 pub mod telemetry;
 pub mod threads;
+pub mod token_bucket;
 pub mod vcpu;
 pub mod vm;
 

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::SerialOut;
 use crate::config::{SerialLimits, SerialSink};
+use crate::token_bucket::TokenBucket;
 
 /// What marks a guest line on stdout.
 pub const GUEST_LINE_PREFIX: &[u8] = b"guest: ";
@@ -33,8 +34,6 @@ pub const GUEST_LINE_PREFIX: &[u8] = b"guest: ";
 pub const MAX_LINE: usize = 4096 - GUEST_LINE_PREFIX.len() - 1;
 /// How often, at most, the VMM warns that it dropped guest output.
 pub const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
-
-const NANOS_PER_SEC: u128 = 1_000_000_000;
 
 /// Counters of one serial port's output, shared with whoever reports them
 /// (the log now; the statistics API can read them without the device lock).
@@ -81,46 +80,6 @@ impl SerialStats {
     }
 }
 
-/// A token bucket in bytes: `rate` per second, at most `burst` saved up.
-/// Tokens are kept in byte-nanoseconds so that refills of less than a byte
-/// (the UART writes one byte per exit) are not lost.
-#[derive(Debug)]
-pub struct TokenBucket {
-    rate: u128,
-    cap: u128,
-    tokens: u128,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// A full bucket; `rate` bytes per second (more than 0), `burst` bytes.
-    pub fn new(rate: u64, burst: u64, now: Instant) -> Self {
-        let cap = u128::from(burst) * NANOS_PER_SEC;
-        Self {
-            rate: u128::from(rate),
-            cap,
-            tokens: cap,
-            last: now,
-        }
-    }
-
-    /// Takes up to `n` bytes' worth of tokens; returns how many it took.
-    pub fn take(&mut self, n: usize, now: Instant) -> usize {
-        let elapsed = now.saturating_duration_since(self.last).as_nanos();
-        self.last = self.last.max(now);
-        self.tokens = self
-            .tokens
-            .saturating_add(elapsed.saturating_mul(self.rate))
-            .min(self.cap);
-        let have = self.tokens / NANOS_PER_SEC;
-        let n128 = u128::try_from(n).unwrap_or(u128::MAX);
-        let take = n128.min(have);
-        self.tokens -= take * NANOS_PER_SEC;
-        // `take` is at most `n`.
-        usize::try_from(take).unwrap_or(n)
-    }
-}
-
 /// Drops what the guest writes beyond its [`TokenBucket`] (none with a
 /// rate of 0), counting it. Always reports the whole buffer as written:
 /// the guest is never slowed down or blocked, and the ready-marker watch
@@ -150,7 +109,7 @@ impl RateLimited {
         Self {
             inner,
             bucket: (limits.rate_bytes_s > 0)
-                .then(|| TokenBucket::new(limits.rate_bytes_s, limits.burst_bytes, now)),
+                .then(|| TokenBucket::with_capacity(limits.rate_bytes_s, limits.burst_bytes, now)),
             limits,
             stats,
             unreported: 0,
@@ -161,7 +120,8 @@ impl RateLimited {
 
     pub(super) fn write_at(&mut self, buf: &[u8], now: Instant) -> io::Result<usize> {
         let n = match self.bucket.as_mut() {
-            Some(b) => b.take(buf.len(), now),
+            // At most `buf.len()`.
+            Some(b) => usize::try_from(b.take_up_to(buf.len() as u64, now)).unwrap_or(buf.len()),
             None => buf.len(),
         };
         let dropped = (buf.len() - n) as u64;

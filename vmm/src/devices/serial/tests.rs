@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::output::{MarkedLines, RateLimited, RotatingFile, TokenBucket, DROP_REPORT_INTERVAL};
+use super::output::{MarkedLines, RateLimited, RotatingFile, DROP_REPORT_INTERVAL};
 use super::*;
 use crate::config::{SerialLimits, SerialSink};
 
@@ -69,24 +69,6 @@ impl Writes {
     fn all(&self) -> Vec<Vec<u8>> {
         self.0.lock().unwrap().clone()
     }
-}
-
-#[test]
-fn token_bucket_allows_a_burst_then_the_rate_without_losing_fractions() {
-    let t0 = Instant::now();
-    let mut b = TokenBucket::new(1000, 100, t0);
-    assert_eq!(b.take(150, t0), 100, "a full bucket holds the burst");
-    assert_eq!(b.take(1, t0), 0);
-    // One byte every 100 us for 10 ms: each refill is a tenth of a byte,
-    // and together they make the 10 bytes that 10 ms at 1000 B/s allow.
-    let got: usize = (1..=100)
-        .map(|k| b.take(1, t0 + Duration::from_micros(100 * k)))
-        .sum();
-    assert_eq!(got, 10);
-    // Idle time saves up to the burst, no more.
-    assert_eq!(b.take(1000, t0 + Duration::from_secs(60)), 100);
-    // A clock that goes backwards (never, with Instant) takes nothing.
-    assert_eq!(b.take(1, t0), 0);
 }
 
 fn limits(rate: u64, burst: u64) -> SerialLimits {

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::timerfd::TimerFd;
 
-const NANOS_PER_S: u128 = 1_000_000_000;
+pub use crate::token_bucket::TokenBucket;
+
 /// The shortest throttled period. Waking for every single token (50 us at
 /// 20,000/s) would cost more than serving the operation did; sleeping at
 /// least this long bounds a throttled device to 200 wakeups a second, and
@@ -40,65 +41,6 @@ impl Limits {
 
     pub fn is_unlimited(&self) -> bool {
         self.bytes_per_s.is_none() && self.ops_per_s.is_none()
-    }
-}
-
-/// A bucket refilled at `rate` tokens per second up to `rate` tokens.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    rate: u64,
-    /// May be negative: the debt of the last admitted operation.
-    tokens: i128,
-    /// Refill not yet whole tokens, in token-nanoseconds.
-    carry: u128,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// A full bucket. `rate` must be positive (0 is "unlimited" in the
-    /// configuration and never makes a bucket).
-    pub fn new(rate: u64, now: Instant) -> Self {
-        let rate = rate.max(1);
-        Self {
-            rate,
-            tokens: i128::from(rate),
-            carry: 0,
-            last: now,
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let ns = now.saturating_duration_since(self.last).as_nanos();
-        self.last = now;
-        let gained = u128::from(self.rate) * ns + self.carry;
-        self.carry = gained % NANOS_PER_S;
-        let whole = i128::try_from(gained / NANOS_PER_S).unwrap_or(i128::MAX);
-        self.tokens = self.tokens.saturating_add(whole).min(i128::from(self.rate));
-    }
-
-    /// True when an operation may start now.
-    pub fn ready(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        self.tokens > 0
-    }
-
-    /// Charges `n` tokens (the bucket may go into debt).
-    pub fn take(&mut self, n: u64) {
-        self.tokens = self.tokens.saturating_sub(i128::from(n));
-    }
-
-    /// How long until the bucket is positive again (zero if it is).
-    pub fn wait(&self) -> Duration {
-        if self.tokens > 0 {
-            return Duration::ZERO;
-        }
-        // Tokens needed to reach 1, minus the partial token already in carry.
-        let need = u128::try_from(1 - self.tokens).unwrap_or(u128::MAX);
-        let ns = need
-            .saturating_mul(NANOS_PER_S)
-            .saturating_sub(self.carry)
-            .div_ceil(u128::from(self.rate));
-        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 }
 
@@ -207,7 +149,7 @@ impl RateLimiter {
             b.take(bytes);
         }
         if let Some(o) = self.ops.as_mut() {
-            o.take(ops.min(o.rate));
+            o.take(ops.min(o.rate()));
         }
     }
 

@@ -1,52 +1,6 @@
 use super::*;
 
 #[test]
-fn a_bucket_admits_its_burst_then_refills_at_its_rate() {
-    let t0 = Instant::now();
-    let mut b = TokenBucket::new(1000, t0);
-    assert!(b.ready(t0));
-    b.take(1000);
-    assert!(!b.ready(t0), "a full second of tokens is spent");
-    assert_eq!(b.wait(), Duration::from_millis(1), "one token takes 1 ms");
-    assert!(!b.ready(t0 + Duration::from_micros(999)));
-    assert!(b.ready(t0 + Duration::from_millis(1)));
-    // The bucket never holds more than one second's worth.
-    assert!(b.ready(t0 + Duration::from_secs(100)));
-    b.take(1000);
-    assert!(!b.ready(t0 + Duration::from_secs(100)));
-}
-
-#[test]
-fn debt_makes_the_next_operation_wait_for_the_whole_charge() {
-    let t0 = Instant::now();
-    let mut b = TokenBucket::new(1 << 20, t0);
-    b.take(16 << 20);
-    assert!(!b.ready(t0));
-    let w = b.wait();
-    assert!(
-        w > Duration::from_secs(15) && w <= Duration::from_secs(15) + Duration::from_micros(1),
-        "15 MiB of debt at 1 MiB/s: {w:?}"
-    );
-    assert!(!b.ready(t0 + Duration::from_secs(14)));
-    assert!(b.ready(t0 + Duration::from_secs(15) + Duration::from_millis(1)));
-}
-
-#[test]
-fn fractional_refill_is_not_lost() {
-    let t0 = Instant::now();
-    let mut b = TokenBucket::new(3, t0);
-    b.take(3);
-    // 3 tokens/s in steps of 100 ms: 0.3 tokens each; the fourth step makes 1.2.
-    let mut t = t0;
-    for _ in 0..3 {
-        t += Duration::from_millis(100);
-        assert!(!b.ready(t));
-    }
-    t += Duration::from_millis(100);
-    assert!(b.ready(t), "carried fractions add up");
-}
-
-#[test]
 fn a_limiter_throttles_counts_the_time_and_resumes_on_its_timer() {
     let mut l = RateLimiter::new(Limits {
         bytes_per_s: None,
