@@ -304,16 +304,27 @@ fn take_image_locks(file: &File, meta: &Metadata, access: Access) -> Result<(), 
             holder: MaybeHolder(h),
         })
     };
+    // On NFS and 9p, flock(2) is a classic whole-file lock owned by this
+    // process: our own flock (taken just before) shows up here, and it
+    // guards the image as the bytes would (QEMU's probes see it too).
+    let me = std::process::id();
+    let ours = |found: &ofd::Found| found.pid == Some(me);
     for byte in perms.bytes_to_lock() {
         match ofd::lock_byte(file, byte) {
             Ok(()) => {}
+            Err(SetError::Conflict(found)) if ours(&found) => {}
             Err(SetError::Conflict(found)) => return Err(in_use("locks it for writing", found)),
             Err(SetError::Io(e)) => return Err(ClaimError::Lock(e)),
         }
     }
     for probe in perms.bytes_to_test() {
         if let Some(found) = ofd::test_write(file, probe.byte).map_err(ClaimError::Lock)? {
-            return Err(in_use(probe.meaning, found));
+            let compatible = ours(&found)
+                || (found.is_whole_file_reader()
+                    && !perms.conflicts_with_whole_file_reader(&probe));
+            if !compatible {
+                return Err(in_use(probe.meaning, found));
+            }
         }
     }
     Ok(())

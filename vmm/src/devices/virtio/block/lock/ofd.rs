@@ -141,6 +141,24 @@ fn flock_for(kind: libc::c_int, start: i64, len: i64) -> libc::flock {
     fl
 }
 
+impl Found {
+    /// A read lock over the whole file: a reader that does not let others
+    /// write (Cloud Hypervisor's whole-file readers, and flock(LOCK_SH) on
+    /// NFS and 9p, which those file systems turn into a classic whole-file
+    /// lock).
+    pub fn is_whole_file_reader(&self) -> bool {
+        !self.write && self.start == 0 && self.len == 0
+    }
+}
+
+impl Perms {
+    /// Whether a whole-file reader conflicts with what `probe` tests: only
+    /// when we write (its lock covers the "unshared write" byte).
+    pub fn conflicts_with_whole_file_reader(&self, probe: &Probe) -> bool {
+        probe.byte == SHARED_BASE + Perm::Write.bit()
+    }
+}
+
 /// Why a byte could not be locked.
 #[derive(Debug)]
 pub enum SetError {

@@ -181,6 +181,79 @@ fn a_whole_file_write_lock_refuses_both() {
     }
 }
 
+/// A child process (`sleep`) holding a classic (POSIX, per-process)
+/// whole-file read lock: what flock(LOCK_SH) becomes on NFS and 9p, and
+/// what a whole-file reader holds.
+// F_RDLCK and SEEK_SET fit a c_short.
+#[allow(clippy::cast_possible_truncation)]
+fn classic_whole_file_reader(path: &Path) -> LockHolder {
+    let file = File::open(path).unwrap();
+    let fd = file.as_raw_fd();
+    let mut cmd = Command::new("sleep");
+    cmd.arg("60");
+    // SAFETY: between fork and exec the closure only calls fcntl, which is
+    // async-signal-safe, on a descriptor this process owns; the flock
+    // struct lives on the closure's stack for the call.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Kept across exec: closing it would drop the lock.
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut fl: libc::flock = std::mem::zeroed();
+            fl.l_type = libc::F_RDLCK as libc::c_short;
+            fl.l_whence = libc::SEEK_SET as libc::c_short;
+            if libc::fcntl(fd, libc::F_SETLK, &fl) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("cannot run sleep");
+    drop(file);
+    LockHolder(child)
+}
+
+#[test]
+fn a_whole_file_reader_shares_with_readers_and_refuses_writers() {
+    let dir = TempDir::new();
+    let p = image(&dir, "a.img");
+    // Two VMs on one read-only root on 9p: the first one's flock(LOCK_SH)
+    // is such a lock, and the second must still start.
+    let holder = classic_whole_file_reader(&p);
+    drop(open(&p, Access::Read).unwrap());
+    let err = refusal(&p, Access::Write);
+    assert_eq!(
+        err,
+        format!(
+            "is in use by another process that does not let others write it (pid {}, sleep)",
+            holder.0.id()
+        )
+    );
+}
+
+#[test]
+// F_WRLCK and SEEK_SET fit a c_short.
+#[allow(clippy::cast_possible_truncation)]
+fn our_own_classic_whole_file_lock_is_no_conflict() {
+    let dir = TempDir::new();
+    let p = image(&dir, "a.img");
+    // What flock(LOCK_EX) becomes on NFS or 9p: a classic write lock of
+    // this very process, taken before the image bytes.
+    let file = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let meta = file.metadata().unwrap();
+    // SAFETY: flock is a plain C struct for which all-zero is valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_SETLK reads one flock, which outlives the call.
+    assert_eq!(
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &fl) },
+        0
+    );
+    take_image_locks(&file, &meta, Access::Write).unwrap();
+}
+
 // F_WRLCK and SEEK_SET fit a c_short.
 #[allow(clippy::cast_possible_truncation)]
 fn whole_file_write_lock(file: &File) {
