@@ -247,10 +247,8 @@ fn our_own_classic_whole_file_lock_is_no_conflict() {
     fl.l_type = libc::F_WRLCK as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     // SAFETY: F_SETLK reads one flock, which outlives the call.
-    assert_eq!(
-        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &fl) },
-        0
-    );
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &fl) };
+    assert_eq!(ret, 0, "{}", io::Error::last_os_error());
     take_image_locks(&file, &meta, Access::Write).unwrap();
 }
 
