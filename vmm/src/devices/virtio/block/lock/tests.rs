@@ -104,15 +104,34 @@ impl LockHolder {
         for &b in bytes {
             ofd::lock_byte(&file, b).unwrap();
         }
+        Self::keep(file, false)
+    }
+
+    /// Runs `sleep` with `file`'s description inherited (and, with
+    /// `classic_read_lock`, a classic whole-file read lock of its own on
+    /// it), so that only the child holds what is locked there.
+    // F_RDLCK and SEEK_SET fit a c_short.
+    #[allow(clippy::cast_possible_truncation)]
+    fn keep(file: File, classic_read_lock: bool) -> LockHolder {
         let fd = file.as_raw_fd();
         let mut cmd = Command::new("sleep");
         cmd.arg("60");
-        // SAFETY: between fork and exec the closure only calls fcntl,
-        // which is async-signal-safe, on a descriptor this process owns.
+        // SAFETY: between fork and exec the closure only calls fcntl, which
+        // is async-signal-safe, on a descriptor this process owns; the
+        // flock struct lives on the closure's stack for the call.
         unsafe {
             cmd.pre_exec(move || {
+                // Kept across exec: closing it would drop the locks.
                 if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(io::Error::last_os_error());
+                }
+                if classic_read_lock {
+                    let mut fl: libc::flock = std::mem::zeroed();
+                    fl.l_type = libc::F_RDLCK as libc::c_short;
+                    fl.l_whence = libc::SEEK_SET as libc::c_short;
+                    if libc::fcntl(fd, libc::F_SETLK, &fl) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -184,34 +203,8 @@ fn a_whole_file_write_lock_refuses_both() {
 /// A child process (`sleep`) holding a classic (POSIX, per-process)
 /// whole-file read lock: what flock(LOCK_SH) becomes on NFS and 9p, and
 /// what a whole-file reader holds.
-// F_RDLCK and SEEK_SET fit a c_short.
-#[allow(clippy::cast_possible_truncation)]
 fn classic_whole_file_reader(path: &Path) -> LockHolder {
-    let file = File::open(path).unwrap();
-    let fd = file.as_raw_fd();
-    let mut cmd = Command::new("sleep");
-    cmd.arg("60");
-    // SAFETY: between fork and exec the closure only calls fcntl, which is
-    // async-signal-safe, on a descriptor this process owns; the flock
-    // struct lives on the closure's stack for the call.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Kept across exec: closing it would drop the lock.
-            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut fl: libc::flock = std::mem::zeroed();
-            fl.l_type = libc::F_RDLCK as libc::c_short;
-            fl.l_whence = libc::SEEK_SET as libc::c_short;
-            if libc::fcntl(fd, libc::F_SETLK, &fl) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().expect("cannot run sleep");
-    drop(file);
-    LockHolder(child)
+    LockHolder::keep(File::open(path).unwrap(), true)
 }
 
 #[test]
