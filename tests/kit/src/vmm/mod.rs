@@ -260,12 +260,14 @@ impl Vmm {
             .map(|l| l.text)
     }
 
-    /// Panics with everything seen so far.
+    /// Panics with the VMM's stderr and the last serial lines: the cause
+    /// first, since a CI log keeps only part of a long message (the whole
+    /// serial log goes to the test's artefacts where it has them).
     fn fail(&mut self, pattern: Pattern<'_>, timeout: Duration, e: &WaitError) -> ! {
         panic!(
-            "no serial line {pattern} within {timeout:?} ({e}); serial: {:#?}\nstderr: {}",
-            self.seen,
-            self.stderr_text()
+            "no serial line {pattern} within {timeout:?} ({e}); {} serial lines, the last:{}",
+            self.seen.len(),
+            self.context()
         )
     }
 
@@ -365,18 +367,18 @@ impl Vmm {
         s
     }
 
-    /// The last lines of serial output and stderr, for error messages.
+    /// The last lines of stderr and serial output, for error messages.
     pub fn context(&self) -> String {
         let tail = |v: &[String]| v[v.len().saturating_sub(TAIL_LINES)..].join("\n          ");
         let mut s = String::new();
-        if !self.seen.is_empty() {
-            s.push_str("\n  serial: ");
-            s.push_str(&tail(&self.seen));
-        }
         let stderr = self.stderr.lock().unwrap_or_else(PoisonError::into_inner);
         if !stderr.is_empty() {
             s.push_str("\n  stderr: ");
             s.push_str(&tail(&stderr));
+        }
+        if !self.seen.is_empty() {
+            s.push_str("\n  serial: ");
+            s.push_str(&tail(&self.seen));
         }
         s
     }
