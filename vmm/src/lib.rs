@@ -18,6 +18,7 @@ pub mod ksm;
 pub mod logger;
 pub mod memory;
 pub mod outcome;
+pub mod seccomp;
 pub mod service;
 pub mod shutdown;
 pub mod stats;

@@ -80,6 +80,7 @@ where
         .spawn(move || {
             block_stop_signals();
             log::debug!("thread {} started", kind.name());
+            crate::seccomp::enter_thread(kind);
             f()
         })
 }

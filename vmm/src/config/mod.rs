@@ -12,6 +12,7 @@ mod locate;
 mod onoff;
 mod ready;
 mod resolve;
+mod seccomp;
 mod settings;
 mod vm_config;
 
@@ -19,6 +20,7 @@ pub use file::InstanceFile;
 pub use host::HostLimits;
 pub use onoff::{OnOff, OnOffError};
 pub use ready::{ReadyMode, ReadyModeError};
+pub use seccomp::{SeccompMode, SeccompModeError};
 pub use resolve::{
     resolve, Instance, InstanceError, ServiceConfig, DEFAULT_MEM_MIB, DEFAULT_NAME,
     DEFAULT_SERIAL_BURST_KIB, DEFAULT_SERIAL_FILE_MAX_MIB, DEFAULT_SERIAL_RATE_KIB_S,

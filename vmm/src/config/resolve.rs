@@ -13,7 +13,7 @@ use super::devices::DeviceSet;
 use super::file::InstanceFile;
 use super::host::HostLimits;
 use super::{
-    ConfigError, OnOff, ReadyMode, SerialLimits, SerialSink, Settings, ValidVmConfig, VmConfig,
+    ConfigError, OnOff, ReadyMode, SeccompMode, SerialLimits, SerialSink, Settings, ValidVmConfig, VmConfig,
 };
 
 pub const DEFAULT_NAME: &str = "vm";
@@ -55,6 +55,8 @@ pub struct Instance {
     /// The control API socket: `api_sock`, else RUNTIME_DIR/NAME.sock.
     pub api_sock: PathBuf,
     pub service: ServiceConfig,
+    /// The VMM threads' system-call filters.
+    pub seccomp: SeccompMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +247,7 @@ pub fn resolve(
             ready,
             ready_marker: s.ready_marker,
         },
+        seccomp: s.seccomp.unwrap_or_default(),
     })
 }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::devices::{BalloonConfig, DiskConfig, NetConfig};
-use super::{OnOff, ReadyMode, SerialSink};
+use super::{OnOff, ReadyMode, SeccompMode, SerialSink};
 
 /// One instance file (`/etc/ksmvm/NAME.toml`) or the flags of `ksmvm run`.
 /// The keys are the flags with `_` for `-` (`[[disk]]`, `[[net]]` and
@@ -90,6 +90,11 @@ pub struct Settings {
     /// Serial output that means the guest is up (for --ready guest).
     #[arg(long, value_name = "TEXT")]
     pub ready_marker: Option<String>,
+    /// System-call filters per VMM thread: on (a forbidden call ends the
+    /// VMM, naming the thread and the call), log (the kernel logs it and
+    /// lets it through) or off [default: on].
+    #[arg(long)]
+    pub seccomp: Option<SeccompMode>,
 }
 
 /// Invokes `$m!(field)` for every field, so that per-field code (overlay,
@@ -115,6 +120,7 @@ macro_rules! for_each_setting {
         $m!(shutdown_timeout_s);
         $m!(ready);
         $m!(ready_marker);
+        $m!(seccomp);
     };
 }
 

@@ -83,6 +83,22 @@ impl I8042 {
         }
         self.raise_irq();
     }
+
+    /// Bytes the guest has not read yet.
+    pub fn unread(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Raises IRQ 1 again while bytes wait: a guest that missed the edge
+    /// (its handler reads one byte per interrupt) would otherwise never
+    /// see the rest. Harmless to one that did not: it finds them.
+    pub fn nudge(&self) -> bool {
+        if self.buf.is_empty() {
+            return false;
+        }
+        self.raise_irq();
+        true
+    }
 }
 
 impl BusDevice for I8042 {
@@ -193,6 +209,23 @@ mod tests {
             got.push(b[0]);
         }
         assert_eq!(got, CTRL_ALT_DEL);
+    }
+
+    #[test]
+    fn a_nudge_raises_the_irq_only_while_bytes_wait() {
+        let (mut d, _reset, irq) = dev();
+        assert!(!d.nudge());
+        d.send_ctrl_alt_del();
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(d.unread(), CTRL_ALT_DEL.len());
+        assert!(d.nudge());
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut b = [0u8];
+        for _ in 0..CTRL_ALT_DEL.len() {
+            d.read(OFS_DATA, &mut b);
+        }
+        assert_eq!(d.unread(), 0);
+        assert!(!d.nudge());
     }
 
     #[test]

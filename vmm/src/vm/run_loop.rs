@@ -22,6 +22,42 @@ use crate::outcome::ExitOutcome;
 use crate::shutdown::{GracefulShutdown, StopAction};
 use crate::vcpu::{VcpuHandle, VmControl};
 
+/// How often IRQ 1 is raised again while the guest leaves the Ctrl-Alt-Del
+/// keys unread.
+const CAD_NUDGE: Duration = Duration::from_secs(5);
+
+/// Re-raises the keyboard IRQ during a graceful stop while the guest has
+/// not read the keys (a lost edge would leave it running until the
+/// timeout).
+#[derive(Debug, Default)]
+struct CadNudge {
+    next: Option<Instant>,
+    said: bool,
+}
+
+impl CadNudge {
+    fn tick(&mut self, now: Instant, i8042: &Mutex<I8042>) {
+        let Some(next) = self.next else {
+            self.next = Some(now + CAD_NUDGE);
+            return;
+        };
+        if now < next {
+            return;
+        }
+        self.next = Some(now + CAD_NUDGE);
+        let dev = lock(i8042);
+        if dev.nudge() && !self.said {
+            self.said = true;
+            log::info!(
+                "the guest has not read the Ctrl-Alt-Del keys ({} bytes left) after {} s; raising IRQ 1 again every {} s",
+                dev.unread(),
+                CAD_NUDGE.as_secs(),
+                CAD_NUDGE.as_secs()
+            );
+        }
+    }
+}
+
 /// A VM whose vCPUs run; owned by the thread that runs its main loop.
 pub struct RunningVm {
     pub(super) handle: Arc<VmHandle>,
@@ -92,6 +128,7 @@ impl RunningVm {
 
         let control = self.handle.control().clone();
         let mut shutdown = GracefulShutdown::new(shutdown_timeout);
+        let mut nudge = CadNudge::default();
         let mut events = vec![EpollEvent::default(); 8];
         while !control.stopping() {
             let now = Instant::now();
@@ -99,6 +136,7 @@ impl RunningVm {
                 sup.next_tick(),
                 shutdown.deadline(),
                 control.stop_deadline(),
+                nudge.next,
             ]
             .into_iter()
             .flatten()
@@ -122,9 +160,20 @@ impl RunningVm {
                 );
                 control.request_exit(ExitOutcome::GuestPanic);
             }
+            if shutdown.deadline().is_some() {
+                nudge.tick(now, &self.i8042);
+            }
             if shutdown.expired(now) && !control.stopping() {
                 let secs = shutdown.timeout().as_secs();
-                log::warn!("the guest did not shut down within {secs} s; stopping the VM");
+                let unread = lock(&self.i8042).unread();
+                log::warn!(
+                    "the guest did not shut down within {secs} s; stopping the VM ({})",
+                    if unread == 0 {
+                        "it had read the Ctrl-Alt-Del keys".to_owned()
+                    } else {
+                        format!("{unread} bytes of the Ctrl-Alt-Del keys unread")
+                    }
+                );
                 control.request_exit(ExitOutcome::Stopped(format!(
                     "the guest did not shut down within {secs} s"
                 )));

@@ -20,6 +20,9 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
         Ok(i) => i,
         Err(e) => return fail(&e),
     };
+    if let Err(e) = start_seccomp(&inst) {
+        return fail(&e);
+    }
     let stop_watchdog = args.debug_stop_watchdog_after_s.map(Duration::from_secs);
     let mut sup = match SystemdSupervisor::new(&inst.service, stop_watchdog) {
         Ok(s) => s,
@@ -55,10 +58,34 @@ pub fn run_vm(args: &RunArgs) -> ExitCode {
         }
     };
     ksmvm::milestone!("API serving");
+    // Every other thread runs now; the main thread's filter would bind
+    // any it started later (the kernel stacks filters).
+    if let Err(e) = ksmvm::seccomp::enter_main() {
+        running.abort("the main thread's seccomp filter failed");
+        return fail(&e);
+    }
     match running.wait(inst.service.shutdown_timeout, &mut sup) {
         Ok(outcome) => report_outcome(&outcome).into(),
         Err(e) => fail(&e),
     }
+}
+
+/// Compiles the threads' filters before the first thread starts; `off`
+/// and `log` are said at start, since they leave a guest that escapes
+/// into a VMM thread the whole host.
+fn start_seccomp(inst: &Instance) -> Result<(), ksmvm::seccomp::SeccompError> {
+    use ksmvm::config::{SeccompMode, SerialSink};
+    match inst.seccomp {
+        SeccompMode::On => {}
+        SeccompMode::Log => log::warn!(
+            "seccomp = log: forbidden system calls are only logged by the kernel (dmesg), not stopped"
+        ),
+        SeccompMode::Off => log::warn!("seccomp = off: the VMM's threads run without system-call filters"),
+    }
+    let ctx = ksmvm::seccomp::Context {
+        serial_file: matches!(inst.vm.serial, SerialSink::File(_)),
+    };
+    ksmvm::seccomp::init(inst.seccomp, &ctx)
 }
 
 /// Logs how the VM ended and returns the VMM's exit status for it
