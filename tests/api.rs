@@ -129,6 +129,7 @@ fn info_stats_and_metrics() {
         "guest_ram_bytes",
         "guest_ram",
         "ksm",
+        "guest_ram_mergeable",
         "process_rss",
         "vmm_overhead_bytes",
         "effective_bytes",
@@ -537,7 +538,8 @@ fn cli_views_agree_with_the_api() {
     }
     let dir = RuntimeDir::new();
     let a = ApiVm::start(&dir, "alpha");
-    let b = ApiVm::start(&dir, "beta");
+    // One VM with the default merge setting (on), one with --ksm off.
+    let b = ApiVm::start_with(&dir, "beta", idle_guest(), &["--ksm", "off"]);
     b.client().action(Action::Pause).unwrap();
     drop(UnixListener::bind(dir.socket("gone")).unwrap()); // stale socket
 
@@ -560,10 +562,15 @@ fn cli_views_agree_with_the_api() {
         // An idle guest's resident RAM does not move between the calls.
         assert_eq!(r["resident_bytes"], stats.guest_ram.rss);
         assert!(r["merged_bytes"].is_u64());
+        assert_eq!(r["ksm"], info.ksm.to_string());
+        assert_eq!(stats.guest_ram_mergeable, Some(info.ksm == OnOff::On));
     }
+    assert_eq!(rows["alpha"]["ksm"], "on");
+    assert_eq!(rows["beta"]["ksm"], "off");
     assert_eq!(rows["beta"]["state"], "paused");
     assert_eq!(rows["gone"]["state"], "dead");
     assert!(rows["gone"]["pid"].is_null());
+    assert!(rows["gone"]["ksm"].is_null());
 
     let table = dir.ksmvm_ok(&["list"]);
     assert!(table.starts_with("NAME"), "{table}");
@@ -572,6 +579,19 @@ fn cli_views_agree_with_the_api() {
         alpha_line.contains(&a.pid().to_string()) && alpha_line.contains("running"),
         "{alpha_line}"
     );
+    // The KSM column: the merge setting of each VM.
+    let ksm_col = table
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .position(|h| h == "KSM")
+        .unwrap_or_else(|| panic!("no KSM column: {table}"));
+    for (name, ksm) in [("alpha", "on"), ("beta", "off")] {
+        let line = table.lines().find(|l| l.starts_with(name)).unwrap();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[ksm_col], ksm, "{table}");
+    }
     assert!(
         table
             .lines()
@@ -585,6 +605,10 @@ fn cli_views_agree_with_the_api() {
     assert_eq!(cli_stats.guest_ram_bytes, api_stats.guest_ram_bytes);
     assert_eq!(cli_stats.guest_ram, api_stats.guest_ram);
     assert_eq!(cli_stats.ksm.ksm_mergeable, api_stats.ksm.ksm_mergeable);
+    assert_eq!(cli_stats.guest_ram_mergeable, Some(true));
+    let beta_stats: VmStats =
+        serde_json::from_str(&dir.ksmvm_ok(&["stats", "beta", "--json"])).unwrap();
+    assert_eq!(beta_stats.guest_ram_mergeable, Some(false), "--ksm off");
     let human = dir.ksmvm_ok(&["stats", "alpha"]);
     assert!(
         human.starts_with(&format!("alpha (pid {}", a.pid())),
@@ -662,7 +686,7 @@ fn exporter_serves_every_vm_and_the_host() {
     }
     let dir = RuntimeDir::new();
     let _a = ApiVm::start(&dir, "exp-a");
-    let _b = ApiVm::start(&dir, "exp-b");
+    let _b = ApiVm::start_with(&dir, "exp-b", idle_guest(), &["--ksm", "off"]);
     let mut exp = start_exporter(&dir);
 
     let r = http_get(&exp.addr, "GET", "/metrics");
@@ -680,6 +704,12 @@ fn exporter_serves_every_vm_and_the_host() {
                 "{name}{{vm={vm}}} missing:\n{text}"
             );
         }
+    }
+    // Each VM's merge setting: the default (on), and --ksm off.
+    for (vm, on) in [("exp-a", 1.0), ("exp-b", 0.0)] {
+        let s = sample(&scrape, "ksmvm_ksm_enabled", Some(vm))
+            .unwrap_or_else(|| panic!("ksmvm_ksm_enabled{{vm={vm}}} missing:\n{text}"));
+        assert_eq!(value(s), on, "{vm}");
     }
     // One HELP/TYPE per family, however many VMs.
     assert_eq!(text.matches("# TYPE ksmvm_up gauge").count(), 1);

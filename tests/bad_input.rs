@@ -143,6 +143,73 @@ fn memory_and_vcpu_limits() {
     );
 }
 
+/// MemTotal + SwapTotal of this host in MiB, read here rather than through
+/// the VMM's own probe, so that the test checks the VMM against the host.
+fn host_ram_and_swap_mib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("read /proc/meminfo");
+    let kib = |key: &str| -> u64 {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (kib("MemTotal:") + kib("SwapTotal:")) >> 10
+}
+
+/// The host's online CPUs (`0-3,6` counts 5).
+fn online_cpus() -> u32 {
+    let list = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("online CPUs");
+    list.trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((lo, hi)) => hi.parse::<u32>().unwrap() - lo.parse::<u32>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+#[test]
+fn a_guest_larger_than_the_host_needs_allow_overcommit() {
+    if !have_kvm() {
+        return;
+    }
+    let host_mib = host_ram_and_swap_mib();
+    assert!(host_mib > 0, "no MemTotal in /proc/meminfo");
+    let twice = (2 * host_mib).to_string();
+    // Above 1 TiB the memory layout's own bound would answer first.
+    if !require(
+        2 * host_mib <= 1 << 20,
+        "a host below 512 GiB of RAM + swap",
+    ) {
+        return;
+    }
+    let probe = probe();
+    let k = probe.to_str().unwrap();
+    refused(
+        &["--kernel", k, "--mem-mib", &twice],
+        &format!(
+            "--mem-mib: guest memory of {twice} MiB is more than this host can ever back: {host_mib} MiB"
+        ),
+    );
+    let cpus = online_cpus();
+    let too_many = (cpus + 1).to_string();
+    refused(
+        &["--kernel", k, "--vcpus", &too_many],
+        &format!("--vcpus: {too_many} vCPUs requested, but this host has {cpus} online CPUs"),
+    );
+    // With the flag the same guest boots (guest RAM is reserved lazily, and
+    // the probe touches only a few MiB of it) and powers off.
+    let mut vm = Vmm::probe(
+        "probe.then=poweroff",
+        &["--mem-mib", &twice, "--allow-overcommit"],
+    );
+    vm.expect_line("PROBE READY", T);
+    let (status, stderr) = vm.wait(T);
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(!stderr.contains("can ever back"), "{stderr}");
+}
+
 #[test]
 fn kvm_missing_or_not_permitted() {
     if !have_kvm() || !require(is_root(), "root (to hide /dev/kvm and drop privileges)") {

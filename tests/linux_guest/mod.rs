@@ -274,7 +274,10 @@ pub fn boot_failed(name: &str, needle: &str, vm: &mut Vmm, why: &str) -> ! {
     }
     // The whole serial log is in the artefacts; a CI log keeps only part
     // of a long message.
-    panic!("{name}: no `{needle}` ({why}); ksmvm {status:?}:{}", vm.context());
+    panic!(
+        "{name}: no `{needle}` ({why}); ksmvm {status:?}:{}",
+        vm.context()
+    );
 }
 
 impl Drop for LinuxGuest {

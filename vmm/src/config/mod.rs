@@ -1,8 +1,8 @@
 //! Everything a VM is configured from, in the order data flows:
 //! [`Settings`] (the `ksmvm run` flags and an instance file's keys, one
 //! type) → [`resolve`] (file overlaid by flags, defaults, validation
-//! against [`HostLimits`], once) → [`Instance`], whose [`ValidVmConfig`]
-//! the builder takes. Device options (`--disk`, `--net`, `--balloon`) are
+//! against [`HostLimits`] and its [`HostCapacity`], once) → [`Instance`],
+//! whose [`ValidVmConfig`] the builder takes. Device options (`--disk`, `--net`, `--balloon`) are
 //! in [`devices`]; errors name `FILE:LINE:COLUMN: key` or the `--flag`.
 
 pub mod devices;
@@ -17,7 +17,7 @@ mod settings;
 mod vm_config;
 
 pub use file::InstanceFile;
-pub use host::HostLimits;
+pub use host::{HostCapacity, HostLimits};
 pub use onoff::{OnOff, OnOffError};
 pub use ready::{ReadyMode, ReadyModeError};
 pub use seccomp::{SeccompMode, SeccompModeError};

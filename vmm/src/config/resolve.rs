@@ -160,8 +160,12 @@ fn serial_limits(origins: &Origins, s: &Settings) -> Result<SerialLimits, Instan
 fn config_error_key(e: &ConfigError) -> &'static str {
     match e {
         ConfigError::Name(_) => "name",
-        ConfigError::MemTooSmall { .. } | ConfigError::MemTooLarge { .. } => "mem_mib",
-        ConfigError::NoVcpus | ConfigError::TooManyVcpus { .. } => "vcpus",
+        ConfigError::MemTooSmall { .. }
+        | ConfigError::MemTooLarge { .. }
+        | ConfigError::MemAboveHost { .. } => "mem_mib",
+        ConfigError::NoVcpus
+        | ConfigError::TooManyVcpus { .. }
+        | ConfigError::VcpusAboveHost { .. } => "vcpus",
         ConfigError::Serial(_) => "serial",
     }
 }
@@ -210,6 +214,7 @@ pub fn resolve(
         serial: s.serial.unwrap_or(SerialSink::Stdout),
         serial_limits,
         ksm: s.ksm.unwrap_or(OnOff::On).is_on(),
+        allow_overcommit: s.allow_overcommit.unwrap_or(OnOff::Off).is_on(),
         devices,
     };
     let vm = vm

@@ -39,6 +39,10 @@ pub struct Settings {
     /// Number of vCPUs [default: 1].
     #[arg(long)]
     pub vcpus: Option<u32>,
+    /// Allow guest memory above the host's RAM + swap and more vCPUs than
+    /// it has online CPUs (refused otherwise) [default: off].
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "on", value_name = "on|off")]
+    pub allow_overcommit: Option<OnOff>,
     /// Mark guest memory MADV_MERGEABLE for KSM: on or off [default: on].
     #[arg(long)]
     pub ksm: Option<OnOff>,
@@ -107,6 +111,7 @@ macro_rules! for_each_setting {
         $m!(cmdline);
         $m!(mem_mib);
         $m!(vcpus);
+        $m!(allow_overcommit);
         $m!(ksm);
         $m!(serial);
         $m!(serial_rate_kib_s);
@@ -204,6 +209,7 @@ mod tests {
             "--disk",
             "path=/b,ro=on",
             "--balloon",
+            "--allow-overcommit",
         ])
         .unwrap();
         assert_eq!(f.s.kernel.as_deref(), Some(Path::new("/k")));
@@ -211,6 +217,10 @@ mod tests {
         assert_eq!(f.s.rng, Some(OnOff::On));
         assert_eq!(f.s.disk.as_ref().map(Vec::len), Some(2));
         assert_eq!(f.s.balloon, Some(BalloonConfig::default()));
+        // A bare --allow-overcommit means on.
+        assert_eq!(f.s.allow_overcommit, Some(OnOff::On));
+        let f = Flags::try_parse_from(["run", "--allow-overcommit=off"]).unwrap();
+        assert_eq!(f.s.allow_overcommit, Some(OnOff::Off));
         // Flags not given stay unset, so they override nothing.
         assert_eq!(f.s.net, None);
         assert_eq!(f.s.mem_mib, None);

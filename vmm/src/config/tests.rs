@@ -4,8 +4,24 @@ use std::time::Duration;
 
 use super::*;
 
-/// A host whose KVM allows two vCPUs.
-const HOST: HostLimits = HostLimits { max_vcpus: 2 };
+/// A host whose KVM allows two vCPUs, with 8 GiB of RAM and swap and 4
+/// online CPUs (so that the KVM limit is the one the vCPU tests meet).
+const HOST: HostLimits = HostLimits {
+    max_vcpus: 2,
+    capacity: HostCapacity {
+        mem_bytes: Some(8 << 30),
+        cpus: Some(4),
+    },
+};
+
+/// A host with 2 GiB of RAM and swap and 2 online CPUs, KVM allowing 64.
+const SMALL_HOST: HostLimits = HostLimits {
+    max_vcpus: 64,
+    capacity: HostCapacity {
+        mem_bytes: Some(2 << 30),
+        cpus: Some(2),
+    },
+};
 
 /// A kernel path that exists on every Linux host.
 const KERNEL: &str = "/proc/self/exe";
@@ -371,4 +387,52 @@ fn a_disk_that_is_no_file_or_block_device_is_named_for_what_it_is() {
     );
     // A symlink is followed: /proc/self/exe is a regular file.
     resolve(None, flags(KERNEL), &HOST).unwrap();
+}
+
+#[test]
+fn a_guest_above_the_host_names_the_flag_or_key() {
+    let on_small = |text: &str, flags: Settings| {
+        let file = parse(text).unwrap();
+        resolve(Some(&file), flags, &SMALL_HOST).map_err(|e| e.to_string())
+    };
+    let text = format!("kernel = \"{KERNEL}\"\nmem_mib = 4096\nvcpus = 2\n");
+    let e = on_small(&text, Settings::default()).unwrap_err();
+    assert!(
+        e.starts_with(
+            "/etc/ksmvm/t.toml:2:11: mem_mib: guest memory of 4096 MiB is more than this host can ever back: 2048 MiB"
+        ),
+        "{e}"
+    );
+    let flags = Settings {
+        vcpus: Some(3),
+        mem_mib: Some(2048),
+        ..Default::default()
+    };
+    let e = on_small(&text, flags).unwrap_err();
+    assert!(
+        e.starts_with("--vcpus: 3 vCPUs requested, but this host has 2 online CPUs"),
+        "{e}"
+    );
+    // The file's key and the flag both allow it; the flag overrides the file.
+    let allowed = format!("{text}allow_overcommit = true\n");
+    let i = on_small(&allowed, Settings::default()).unwrap();
+    assert!(i.vm.allow_overcommit);
+    assert_eq!(i.vm.mem_mib, 4096);
+    let flags = Settings {
+        allow_overcommit: Some(OnOff::On),
+        vcpus: Some(16),
+        ..Default::default()
+    };
+    assert_eq!(on_small(&text, flags).unwrap().vm.vcpus, 16);
+    let flags = Settings {
+        allow_overcommit: Some(OnOff::Off),
+        ..Default::default()
+    };
+    assert!(
+        on_small(&allowed, flags).is_err(),
+        "--allow-overcommit=off wins"
+    );
+    // Off by default.
+    let i = resolve_text(&format!("kernel = \"{KERNEL}\""), Settings::default()).unwrap();
+    assert!(!i.vm.allow_overcommit);
 }

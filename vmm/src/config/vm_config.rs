@@ -9,7 +9,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::devices::DeviceSet;
-use super::host::HostLimits;
+use super::host::{HostCapacity, HostLimits};
 use crate::arch::x86_64::layout::{MAX_MEM_MIB, MIN_MEM_MIB};
 
 /// The command line a guest gets when none is given: serial console,
@@ -70,6 +70,10 @@ pub struct SerialLimits {
     pub file_max_bytes: u64,
 }
 
+/// How to ask for a guest above the host's capacity anyway: both
+/// spellings, since the error may be about a flag or a file's key.
+const OVERCOMMIT_HINT: &str = "--allow-overcommit (allow_overcommit = true) permits it";
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("invalid VM name {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ - (not starting with '.' or '-')")]
@@ -84,6 +88,13 @@ pub enum ConfigError {
     NoVcpus,
     #[error("{vcpus} vCPUs requested, but KVM on this host allows at most {max}")]
     TooManyVcpus { vcpus: u32, max: u32 },
+    #[error(
+        "guest memory of {mib} MiB is more than this host can ever back: {host_mib} MiB \
+         (MemTotal + SwapTotal); {OVERCOMMIT_HINT}"
+    )]
+    MemAboveHost { mib: u64, host_mib: u64 },
+    #[error("{vcpus} vCPUs requested, but this host has {cpus} online CPUs; {OVERCOMMIT_HINT}")]
+    VcpusAboveHost { vcpus: u32, cpus: u32 },
     #[error("invalid serial sink {0:?}: use stdout, none or file:PATH")]
     Serial(String),
 }
@@ -103,15 +114,42 @@ pub struct VmConfig {
     pub serial_limits: SerialLimits,
     /// Mark guest RAM MADV_MERGEABLE.
     pub ksm: bool,
+    /// Let memory and vCPUs exceed the host's capacity.
+    pub allow_overcommit: bool,
     /// The virtio devices.
     pub devices: DeviceSet,
 }
 
 impl VmConfig {
-    /// Checks every value, the vCPU count against `host`'s limit.
+    /// Checks every value, the vCPU count against `host`'s KVM limit, and
+    /// the guest's size against `host`'s capacity unless overcommit is allowed.
     pub fn validate(self, host: &HostLimits) -> Result<ValidVmConfig, ConfigError> {
         self.check(host.max_vcpus)?;
+        if !self.allow_overcommit {
+            self.check_capacity(&host.capacity)?;
+        }
         Ok(ValidVmConfig(self))
+    }
+
+    /// A guest above what the host can ever back; unknown capacity passes.
+    fn check_capacity(&self, host: &HostCapacity) -> Result<(), ConfigError> {
+        if let Some(host_bytes) = host.mem_bytes {
+            if self.mem_bytes() > host_bytes {
+                return Err(ConfigError::MemAboveHost {
+                    mib: self.mem_mib,
+                    host_mib: host_bytes >> 20,
+                });
+            }
+        }
+        if let Some(cpus) = host.cpus {
+            if self.vcpus > cpus {
+                return Err(ConfigError::VcpusAboveHost {
+                    vcpus: self.vcpus,
+                    cpus,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn check(&self, max_vcpus: u32) -> Result<(), ConfigError> {
@@ -193,8 +231,91 @@ mod tests {
                 file_max_bytes: 0,
             },
             ksm: true,
+            allow_overcommit: false,
             devices: DeviceSet::default(),
         }
+    }
+
+    /// A host of 1 GiB RAM + 512 MiB swap and 2 CPUs, KVM allowing 8.
+    const HOST: HostLimits = HostLimits {
+        max_vcpus: 8,
+        capacity: HostCapacity {
+            mem_bytes: Some(1536 << 20),
+            cpus: Some(2),
+        },
+    };
+
+    #[test]
+    fn memory_is_bounded_by_ram_and_swap() {
+        let sized = |mem_mib| VmConfig { mem_mib, ..cfg() };
+        assert!(sized(1535).validate(&HOST).is_ok(), "below");
+        assert!(sized(1536).validate(&HOST).is_ok(), "at");
+        let e = sized(1537).validate(&HOST).unwrap_err();
+        assert_eq!(
+            e,
+            ConfigError::MemAboveHost {
+                mib: 1537,
+                host_mib: 1536
+            }
+        );
+        let msg = e.to_string();
+        for part in [
+            "1537 MiB",
+            "1536 MiB",
+            "MemTotal + SwapTotal",
+            "--allow-overcommit",
+            "allow_overcommit = true",
+        ] {
+            assert!(msg.contains(part), "{msg:?} lacks {part:?}");
+        }
+        let over = VmConfig {
+            allow_overcommit: true,
+            ..sized(4096)
+        };
+        assert!(over.validate(&HOST).is_ok(), "overcommit allowed");
+    }
+
+    #[test]
+    fn vcpus_are_bounded_by_online_cpus() {
+        let cpus = |vcpus| VmConfig { vcpus, ..cfg() };
+        assert!(cpus(1).validate(&HOST).is_ok(), "below");
+        assert!(cpus(2).validate(&HOST).is_ok(), "at");
+        let e = cpus(3).validate(&HOST).unwrap_err();
+        assert_eq!(e, ConfigError::VcpusAboveHost { vcpus: 3, cpus: 2 });
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("3 vCPUs requested, but this host has 2 online CPUs")
+                && msg.contains("--allow-overcommit"),
+            "{msg}"
+        );
+        let over = VmConfig {
+            allow_overcommit: true,
+            ..cpus(8)
+        };
+        assert!(over.validate(&HOST).is_ok(), "overcommit allowed");
+        // KVM's own limit holds even then.
+        let past_kvm = VmConfig {
+            allow_overcommit: true,
+            ..cpus(9)
+        };
+        assert!(matches!(
+            past_kvm.validate(&HOST),
+            Err(ConfigError::TooManyVcpus { vcpus: 9, max: 8 })
+        ));
+    }
+
+    #[test]
+    fn unknown_capacity_is_not_checked() {
+        let host = HostLimits {
+            capacity: HostCapacity::default(),
+            ..HOST
+        };
+        let big = VmConfig {
+            mem_mib: 1 << 20,
+            vcpus: 8,
+            ..cfg()
+        };
+        assert!(big.validate(&host).is_ok());
     }
 
     #[test]

@@ -90,6 +90,11 @@ pub struct VmStats {
     pub guest_ram_bytes: u64,
     pub guest_ram: GuestRamStats,
     pub ksm: KsmProcessStats,
+    /// Whether guest RAM is marked MADV_MERGEABLE now: the VM's `ksm`
+    /// setting as the `ksm_merge`/`ksm_unmerge` actions left it. None from
+    /// a sampler alone, which does not know it.
+    #[serde(default)]
+    pub guest_ram_mergeable: Option<bool>,
     /// Whole-process RSS, bytes (from /proc/self/statm or smaps_rollup).
     pub process_rss: u64,
     /// VMM overhead: process RSS minus guest RAM Rss, bytes.
@@ -189,6 +194,7 @@ impl VmStats {
             ksm_metadata_bytes: metadata,
             guest_ram,
             ksm,
+            guest_ram_mergeable: None,
             process_rss,
             detail_age_ms: None,
             balloon: None,

@@ -490,7 +490,11 @@ mod tests {
     fn groups_families_and_omits_unavailable_values() {
         let mut e = Exposition::new();
         e.add_vm(&info("a"), Some(&stats()));
-        e.add_vm(&info("b\"x"), None);
+        let off = VmInfo {
+            ksm: OnOff::Off,
+            ..info("b\"x")
+        };
+        e.add_vm(&off, None);
         let text = e.render();
         assert_eq!(text.matches("# TYPE ksmvm_up gauge").count(), 1);
         assert!(text.contains("ksmvm_up{vm=\"a\"} 1\n"));
@@ -500,6 +504,9 @@ mod tests {
         assert!(text.contains("ksmvm_ksm_process_profit_bytes{vm=\"a\"} -5\n"));
         assert!(text.contains("ksmvm_merged_ratio{vm=\"a\"} 0.5\n"));
         assert!(text.contains("ksmvm_uptime_seconds{vm=\"a\"} 1.25\n"));
+        // The merge setting is the VM's own fact: there without statistics too.
+        assert!(text.contains("ksmvm_ksm_enabled{vm=\"a\"} 1\n"));
+        assert!(text.contains("ksmvm_ksm_enabled{vm=\"b\\\"x\"} 0\n"));
         // Unavailable: no line at all, and no HELP/TYPE for an empty family.
         assert!(!text.contains("ksmvm_guest_ram_ksm_bytes"));
         assert!(!text.contains("ksmvm_ksm_rmap_items"));

@@ -294,7 +294,15 @@ impl VmHandle {
             .map_err(|e| VmHandleError::Stats(e.clone()))?;
         lock(sampler)
             .sample_fresh(detail_max_age)
+            .map(|s| self.with_merge_setting(s))
             .map_err(|e| VmHandleError::Stats(e.to_string()))
+    }
+
+    /// The live merge setting joins the sampler's figures, which cannot
+    /// know it (ksm_stat's `ksm_mergeable` covers the whole process).
+    fn with_merge_setting(&self, mut stats: VmStats) -> VmStats {
+        stats.guest_ram_mergeable = Some(self.mergeable());
+        stats
     }
 
     /// Like [`sample`](Self::sample), but None at once if another thread
@@ -313,6 +321,7 @@ impl VmHandle {
         Some(
             guard
                 .sample_fresh(detail_max_age)
+                .map(|s| self.with_merge_setting(s))
                 .map_err(|e| VmHandleError::Stats(e.to_string())),
         )
     }

@@ -19,6 +19,17 @@ fn info_follows_the_live_merge_setting() {
 }
 
 #[test]
+fn stats_carry_the_live_merge_setting() {
+    let vm = VmHandle::for_tests("h5", 8, false);
+    let age = Duration::from_secs(300);
+    assert_eq!(vm.sample(age).unwrap().guest_ram_mergeable, Some(false));
+    vm.set_mergeable(true).unwrap();
+    assert_eq!(vm.sample(age).unwrap().guest_ram_mergeable, Some(true));
+    let cheap = vm.try_sample(age).unwrap().unwrap();
+    assert_eq!(cheap.guest_ram_mergeable, Some(true));
+}
+
+#[test]
 fn a_stopping_vm_refuses_changes() {
     let vm = VmHandle::for_tests("h2", 8, true);
     vm.stop("test");

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use ksmvm::config::OnOff;
 use ksmvm::telemetry::page_size;
 
 use super::fleet::{self, VmStatus};
@@ -19,6 +20,9 @@ pub struct ListRow {
     pub state: String,
     pub pid: Option<u32>,
     pub mem_mib: Option<u64>,
+    /// Whether guest RAM is marked mergeable now ("on"/"off"): KSM may
+    /// merge it with other VMs' pages.
+    pub ksm: Option<OnOff>,
     /// Resident guest RAM, bytes.
     pub resident_bytes: Option<u64>,
     /// Guest RAM backed by KSM pages, bytes.
@@ -46,6 +50,7 @@ pub fn rows(dir: &Path) -> Result<Vec<ListRow>, CliError> {
                         state: info.state.to_string(),
                         pid: Some(info.pid),
                         mem_mib: Some(info.mem_mib),
+                        ksm: Some(info.ksm),
                         resident_bytes: s.map(|s| s.guest_ram.rss),
                         merged_bytes: s.and_then(|s| fleet::merged_bytes(s, ps)),
                         error: stats.err(),
@@ -57,6 +62,7 @@ pub fn rows(dir: &Path) -> Result<Vec<ListRow>, CliError> {
                     state: "dead".into(),
                     pid: None,
                     mem_mib: None,
+                    ksm: None,
                     resident_bytes: None,
                     merged_bytes: None,
                     error: Some(error),
@@ -82,6 +88,7 @@ pub fn run(dir: &Path, json: bool, out: &mut dyn Write) -> Result<(), CliError> 
                 r.state.clone(),
                 r.mem_mib
                     .map_or_else(|| "-".into(), |m| format::bytes(m << 20)),
+                r.ksm.map_or_else(|| "-".into(), |k| k.to_string()),
                 format::opt_bytes(r.resident_bytes),
                 format::opt_bytes(r.merged_bytes),
             ]
@@ -89,7 +96,9 @@ pub fn run(dir: &Path, json: bool, out: &mut dyn Write) -> Result<(), CliError> 
         .collect();
     out.write_all(
         format::table(
-            &["NAME", "PID", "STATE", "MEMORY", "RESIDENT", "MERGED"],
+            &[
+                "NAME", "PID", "STATE", "MEMORY", "KSM", "RESIDENT", "MERGED",
+            ],
             &cells,
         )
         .as_bytes(),
