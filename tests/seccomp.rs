@@ -25,8 +25,8 @@ fn have_tap() -> bool {
 fn seccomp_modes(pid: u32) -> Vec<(String, u32)> {
     let mut out = Vec::new();
     for (tid, comm) in ksmvm_testkit::proc::threads(pid).unwrap() {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
-            .unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
         let mode = status
             .lines()
             .find_map(|l| l.strip_prefix("Seccomp:"))
@@ -92,7 +92,13 @@ fn every_thread_of_a_busy_vm_runs_under_a_filter() {
 
     let modes = seccomp_modes(vm.pid());
     eprintln!("threads: {modes:?}");
-    for want in ["vcpu0", "virtio-devices", "virtio-blk-io", "api", "api-worker"] {
+    for want in [
+        "vcpu0",
+        "virtio-devices",
+        "virtio-blk-io",
+        "api",
+        "api-worker",
+    ] {
         assert!(
             modes.iter().any(|(c, _)| c == want),
             "no {want} thread: {modes:?}"

@@ -20,12 +20,12 @@ pub use file::InstanceFile;
 pub use host::{HostCapacity, HostLimits};
 pub use onoff::{OnOff, OnOffError};
 pub use ready::{ReadyMode, ReadyModeError};
-pub use seccomp::{SeccompMode, SeccompModeError};
 pub use resolve::{
     resolve, Instance, InstanceError, ServiceConfig, DEFAULT_MEM_MIB, DEFAULT_NAME,
     DEFAULT_SERIAL_BURST_KIB, DEFAULT_SERIAL_FILE_MAX_MIB, DEFAULT_SERIAL_RATE_KIB_S,
     DEFAULT_SHUTDOWN_TIMEOUT_S, DEFAULT_VCPUS, MAX_SERIAL_LIMIT, MAX_SHUTDOWN_TIMEOUT_S,
 };
+pub use seccomp::{SeccompMode, SeccompModeError};
 pub use settings::Settings;
 pub use vm_config::{
     validate_name, ConfigError, SerialLimits, SerialSink, ValidVmConfig, VmConfig, DEFAULT_CMDLINE,

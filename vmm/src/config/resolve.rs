@@ -13,7 +13,8 @@ use super::devices::DeviceSet;
 use super::file::InstanceFile;
 use super::host::HostLimits;
 use super::{
-    ConfigError, OnOff, ReadyMode, SeccompMode, SerialLimits, SerialSink, Settings, ValidVmConfig, VmConfig,
+    ConfigError, OnOff, ReadyMode, SeccompMode, SerialLimits, SerialSink, Settings, ValidVmConfig,
+    VmConfig,
 };
 
 pub const DEFAULT_NAME: &str = "vm";

@@ -151,9 +151,7 @@ pub(crate) fn compile_all(
             TargetArch::x86_64,
         )
         .map_err(|e| SeccompError::Build(f, e))?;
-        let bpf: BpfProgram = filter
-            .try_into()
-            .map_err(|e| SeccompError::Compile(f, e))?;
+        let bpf: BpfProgram = filter.try_into().map_err(|e| SeccompError::Compile(f, e))?;
         filters.insert(f, bpf);
     }
     Ok(filters)

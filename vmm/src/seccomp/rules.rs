@@ -42,7 +42,13 @@ impl Allow {
 
     /// `call` when argument `arg` (as 32 bits) passes `op` against `value`;
     /// several of these for one call are alternatives.
-    fn when(&mut self, call: Sysno, arg: u8, op: Op, value: u64) -> Result<&mut Self, BackendError> {
+    fn when(
+        &mut self,
+        call: Sysno,
+        arg: u8,
+        op: Op,
+        value: u64,
+    ) -> Result<&mut Self, BackendError> {
         let cond = SeccompCondition::new(arg, Len::Dword, op, value)?;
         self.rules
             .entry(i64::from(call.id()))
@@ -108,7 +114,12 @@ fn common(a: &mut Allow) -> Result<(), BackendError> {
     a.when(Sysno::mmap, 2, Op::MaskedEq(exec), 0)?;
     a.when(Sysno::mprotect, 2, Op::MaskedEq(exec), 0)?;
     // Closing an fd in a debug build first asks whether it is open.
-    a.when(Sysno::fcntl, 1, Op::Eq, u64::try_from(libc::F_GETFD).unwrap_or(1))?;
+    a.when(
+        Sysno::fcntl,
+        1,
+        Op::Eq,
+        u64::try_from(libc::F_GETFD).unwrap_or(1),
+    )?;
     // glibc's allocator and thread stacks give memory back this way.
     a.when(Sysno::madvise, 2, Op::Eq, advice(libc::MADV_DONTNEED))?;
     Ok(())
@@ -116,10 +127,6 @@ fn common(a: &mut Allow) -> Result<(), BackendError> {
 
 fn advice(a: libc::c_int) -> u64 {
     u64::try_from(a).unwrap_or(u64::MAX)
-}
-
-fn request(r: libc::c_ulong) -> u64 {
-    u64::from(r)
 }
 
 /// Threads that wait on an epoll set of their own.
@@ -153,7 +160,7 @@ fn kick(a: &mut Allow) {
 pub(super) fn allowed(filter: Filter, ctx: &Context) -> Result<Rules, BackendError> {
     let mut a = Allow::default();
     common(&mut a)?;
-    let tunsetoffload = request(libc::TUNSETOFFLOAD);
+    let tunsetoffload: u64 = libc::TUNSETOFFLOAD;
     match filter {
         Filter::Main => {
             event_loop(&mut a);
@@ -183,11 +190,22 @@ pub(super) fn allowed(filter: Filter, ctx: &Context) -> Result<Rules, BackendErr
             a.one_of(
                 Sysno::ioctl,
                 1,
-                &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_TRANSLATE, tunsetoffload],
+                &[
+                    KVM_RUN,
+                    KVM_GET_REGS,
+                    KVM_GET_SREGS,
+                    KVM_TRANSLATE,
+                    tunsetoffload,
+                ],
             )?;
             if ctx.serial_file {
                 let append = libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC;
-                a.any(&[Sysno::rename, Sysno::renameat, Sysno::renameat2, Sysno::ftruncate]);
+                a.any(&[
+                    Sysno::rename,
+                    Sysno::renameat,
+                    Sysno::renameat2,
+                    Sysno::ftruncate,
+                ]);
                 a.when(
                     Sysno::openat,
                     2,

@@ -45,7 +45,12 @@ const SI_SYSCALL_OFFSET: usize = 24;
 extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t, which is
     // 128 bytes; for SIGSYS from seccomp si_syscall lies at this offset.
-    let nr = unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>().read_unaligned() };
+    let nr = unsafe {
+        info.cast::<u8>()
+            .add(SI_SYSCALL_OFFSET)
+            .cast::<i32>()
+            .read_unaligned()
+    };
     let name = THREAD.with(Cell::get);
     let mut msg = Message::default();
     msg.push(b"ksmvm: error: seccomp: thread ");

@@ -8,10 +8,7 @@ use super::*;
 
 #[test]
 fn every_filter_compiles_in_both_modes_and_with_a_serial_file() {
-    for ctx in [
-        Context::default(),
-        Context { serial_file: true },
-    ] {
+    for ctx in [Context::default(), Context { serial_file: true }] {
         for action in [SeccompAction::Trap, SeccompAction::Log] {
             let filters = compile_all(&ctx, action).unwrap();
             assert_eq!(filters.len(), Filter::ALL.len());
@@ -52,12 +49,7 @@ fn every_thread_kind_has_its_filter_or_inherits_one() {
 
 #[test]
 fn the_handlers_message_formats_numbers_without_allocating() {
-    for (v, want) in [
-        (0, "0"),
-        (72, "72"),
-        (-1, "-1"),
-        (i32::MIN, "-2147483648"),
-    ] {
+    for (v, want) in [(0, "0"), (72, "72"), (-1, "-1"), (i32::MIN, "-2147483648")] {
         let mut m = Message::default();
         m.push_number(v);
         assert_eq!(&m.buf[..m.len], want.as_bytes());
@@ -155,5 +147,8 @@ fn allowed_calls_go_through_and_argument_rules_bite() {
         98
     });
     assert_eq!(code, 1, "{text}");
-    assert!(text.contains("thread virtio-blk-io made a forbidden system call: mmap (9)"), "{text}");
+    assert!(
+        text.contains("thread virtio-blk-io made a forbidden system call: mmap (9)"),
+        "{text}"
+    );
 }
