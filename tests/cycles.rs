@@ -132,12 +132,7 @@ fn ms_at(d: &[Duration], permille: usize) -> f64 {
 #[test]
 #[ignore = "1,000 VM start/stop cycles (minutes): run on its own, see the module documentation"]
 fn a_thousand_start_stop_cycles_leak_nothing() {
-    if !have_kvm()
-        || !require(
-            is_root() && Path::new("/dev/net/tun").exists(),
-            "root and /dev/net/tun",
-        )
-    {
+    if !have_tap() {
         return;
     }
     let cycles: u64 = std::env::var("KSMVM_CYCLES")

@@ -292,15 +292,6 @@ fn a_notify_storm_costs_the_vmm_a_bounded_share() {
     vm.poweroff();
 }
 
-/// Root and a TAP device, as the net tests need.
-fn have_tap() -> bool {
-    have_kvm()
-        && require(
-            is_root() && Path::new("/dev/net/tun").exists(),
-            "root and /dev/net/tun",
-        )
-}
-
 /// A probe VM with one net device on TAP `ktap0` of a fresh namespace.
 fn net_vm(ns: &NetNs, net_options: &str) -> Vmm {
     ns.add_tap("ktap0");

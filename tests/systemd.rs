@@ -467,3 +467,38 @@ fn config_check_names_file_line_and_key() {
         assert!(err.contains(&want), "{args:?}: {err}");
     }
 }
+
+/// `systemd-analyze security` rates the instance unit at most 2.0 (lower
+/// is better; 2.6 before the seccomp change), so that a sandboxing
+/// directive dropped by mistake shows up here.
+#[test]
+fn the_instance_units_exposure_stays_at_most_2_0() {
+    let found = std::process::Command::new("sh")
+        .args(["-c", "command -v systemd-analyze"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !require(found, "systemd-analyze (Debian package systemd)") {
+        return;
+    }
+    let unit = repo_root().join("vmm/systemd/ksmvm@.service");
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let level: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for ").nth(1))
+        .and_then(|rest| rest.split(": ").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level in: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    eprintln!("ksmvm@.service exposure level {level}");
+    assert!(level <= 2.0, "exposure level {level} > 2.0:\n{text}");
+}

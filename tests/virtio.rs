@@ -137,12 +137,7 @@ fn a_writable_disk_cannot_be_opened_by_two_vms() {
 
 #[test]
 fn net_frames_cross_a_tap_device_both_ways() {
-    if !have_kvm()
-        || !require(
-            is_root() && std::path::Path::new("/dev/net/tun").exists(),
-            "root and /dev/net/tun",
-        )
-    {
+    if !have_tap() {
         return;
     }
     let ns = NetNs::new("net");

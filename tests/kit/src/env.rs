@@ -45,6 +45,15 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// /dev/kvm, root and /dev/net/tun, as the TAP tests need (see [`require`]).
+pub fn have_tap() -> bool {
+    have_kvm()
+        && require(
+            is_root() && Path::new("/dev/net/tun").exists(),
+            "root and /dev/net/tun",
+        )
+}
+
 /// Root and the KSM sysfs knobs (see [`require`]).
 pub fn have_ksm() -> bool {
     require(

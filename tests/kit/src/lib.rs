@@ -34,7 +34,7 @@ pub mod proc;
 pub mod vmm;
 
 pub use dirs::{ksmvm_in, ksmvm_ok_in, RuntimeDir, TempDir};
-pub use env::{hardware_virt, have_ksm, have_kvm, in_ci, is_root, require};
+pub use env::{hardware_virt, have_ksm, have_kvm, have_tap, in_ci, is_root, require};
 pub use ksm::fast_ksm;
 pub use net::{recv_frame, send_frame, NetNs};
 pub use paths::{ksmvm, probe, repo_root};

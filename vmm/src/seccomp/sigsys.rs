@@ -42,7 +42,25 @@ pub(super) fn install() -> nix::Result<()> {
 /// si_signo, si_errno, si_code (and padding) and `si_call_addr`.
 const SI_SYSCALL_OFFSET: usize = 24;
 
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+/// The first three arguments of the trapped call, from the registers the
+/// kernel saved (x86_64: rdi, rsi, rdx).
+fn args(ctx: *mut libc::c_void) -> [u64; 3] {
+    if ctx.is_null() {
+        return [0; 3];
+    }
+    // SAFETY: with SA_SIGINFO the third argument is the ucontext_t the
+    // kernel wrote on this thread's stack.
+    let gregs = unsafe { &(*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+    let reg = |r: libc::c_int| {
+        usize::try_from(r)
+            .ok()
+            .and_then(|i| gregs.get(i))
+            .map_or(0, |v| u64::from_ne_bytes(v.to_ne_bytes()))
+    };
+    [reg(libc::REG_RDI), reg(libc::REG_RSI), reg(libc::REG_RDX)]
+}
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t, which is
     // 128 bytes; for SIGSYS from seccomp si_syscall lies at this offset.
     let nr = unsafe {
@@ -66,10 +84,35 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     msg.push(b" (");
     msg.push_number(nr);
     msg.push(b"); the VMM stops\n");
-    // SAFETY: write(2) of our own stack buffer to stderr, then exit_group,
-    // both async-signal-safe.
+    // SAFETY: write(2) of our own stack buffer to stderr, async-signal-safe.
+    unsafe { libc::write(2, msg.buf.as_ptr().cast(), msg.len) };
+    // Then the arguments, on a line of their own: a path is read from the
+    // thread's memory, and a bad pointer there must not cost the first line.
+    let a = args(ctx);
+    let mut more = Message::default();
+    more.push(b"ksmvm: error: seccomp: its arguments: ");
+    for (i, v) in a.iter().enumerate() {
+        if i > 0 {
+            more.push(b", ");
+        }
+        more.push_hex(*v);
+    }
+    let path = match i64::from(nr) {
+        libc::SYS_openat => Some(a[1]),
+        libc::SYS_open => Some(a[0]),
+        _ => None,
+    };
+    if let Some(p) = path.filter(|&p| p != 0) {
+        more.push(b"; path ");
+        // SAFETY: the thread passed this pointer to open(2) as a NUL-ended
+        // path; at most 64 bytes of it are read.
+        unsafe { more.push_c_str(p as *const u8, 64) };
+    }
+    more.push(b"\n");
+    // SAFETY: write(2) of our own stack buffer, then exit_group, both
+    // async-signal-safe.
     unsafe {
-        libc::write(2, msg.buf.as_ptr().cast(), msg.len);
+        libc::write(2, more.buf.as_ptr().cast(), more.len);
         libc::_exit(ExitStatus::Failure.code().into());
     }
 }
@@ -99,6 +142,38 @@ impl Message {
         let n = s.len().min(self.buf.len() - self.len);
         self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
         self.len += n;
+    }
+
+    pub(super) fn push_hex(&mut self, v: u64) {
+        let mut digits = [0u8; 18];
+        digits[0] = b'0';
+        digits[1] = b'x';
+        let mut n = 2;
+        let mut started = false;
+        for shift in (0..16).rev() {
+            let d = ((v >> (shift * 4)) & 0xf) as u8;
+            if d != 0 || started || shift == 0 {
+                started = true;
+                digits[n] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+                n += 1;
+            }
+        }
+        self.push(&digits[..n]);
+    }
+
+    /// Up to `max` bytes of the NUL-ended string at `p`.
+    ///
+    /// # Safety
+    /// `p` must point to readable memory up to its NUL or `max` bytes.
+    pub(super) unsafe fn push_c_str(&mut self, p: *const u8, max: usize) {
+        for i in 0..max {
+            // SAFETY: within the caller's promise.
+            let b = unsafe { p.add(i).read() };
+            if b == 0 {
+                break;
+            }
+            self.push(&[b]);
+        }
     }
 
     pub(super) fn push_number(&mut self, v: i32) {

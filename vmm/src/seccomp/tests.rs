@@ -54,6 +54,11 @@ fn the_handlers_message_formats_numbers_without_allocating() {
         m.push_number(v);
         assert_eq!(&m.buf[..m.len], want.as_bytes());
     }
+    for (v, want) in [(0, "0x0"), (0x1f, "0x1f"), (u64::MAX, "0xffffffffffffffff")] {
+        let mut m = Message::default();
+        m.push_hex(v);
+        assert_eq!(&m.buf[..m.len], want.as_bytes());
+    }
     let mut m = Message::default();
     m.push(&[b'x'; 500]);
     assert_eq!(m.len, m.buf.len(), "a long message is cut, not overrun");
@@ -103,10 +108,33 @@ fn a_forbidden_call_ends_the_process_naming_thread_and_call() {
         98
     });
     assert_eq!(code, 1, "{text}");
-    assert_eq!(
-        text,
-        "ksmvm: error: seccomp: thread vcpu7 made a forbidden system call: personality (135); the VMM stops\n"
+    // personality takes one argument: the other registers are whatever
+    // they held.
+    assert!(
+        text.starts_with(
+            "ksmvm: error: seccomp: thread vcpu7 made a forbidden system call: personality (135); the VMM stops\n\
+             ksmvm: error: seccomp: its arguments: 0xffffffff, "
+        ),
+        "{text}"
     );
+}
+
+#[test]
+fn a_forbidden_open_names_its_path() {
+    let filters = compile_all(&Context::default(), SeccompAction::Trap).unwrap();
+    let block = filters[&Filter::BlockIo].clone();
+    let (code, text) = in_child(move || {
+        sigsys::set_thread_name("virtio-blk-io");
+        if sigsys::install().is_err() || seccompiler::apply_filter(&block).is_err() {
+            return 99;
+        }
+        // SAFETY: a NUL-ended path; the call is trapped before it runs.
+        unsafe { libc::openat(libc::AT_FDCWD, c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+        98
+    });
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("openat (257)"), "{text}");
+    assert!(text.contains("; path /etc/hostname\n"), "{text}");
 }
 
 #[test]
