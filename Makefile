@@ -12,11 +12,11 @@ build: ksmvm
 	$(CARGO) build --release --workspace
 	$(MAKE) probe
 
-# The shipped binary: profile `vmm` (LTO, panic=abort) linked statically
-# without PIE; see the profile's comment in Cargo.toml.
+# The shipped binary: profile `vmm` (LTO, panic=abort) linked as a static
+# PIE (ASLR); see the profile's comment in Cargo.toml.
 ksmvm:
 	$(CARGO) rustc --profile vmm -p ksmvm --bin ksmvm -- \
-		-C target-feature=+crt-static -C relocation-model=static
+		-C target-feature=+crt-static -C relocation-model=pie
 
 # The probe guest: a freestanding kernel with its own linker flags.
 probe:
