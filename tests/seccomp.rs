@@ -29,16 +29,22 @@ fn seccomp_modes(pid: u32) -> Vec<(String, u32)> {
     out
 }
 
+/// A sparse raw image of `bytes` in `dir`.
+fn sparse_disk(dir: &TempDir, bytes: u64) -> std::path::PathBuf {
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(bytes))
+        .unwrap();
+    img
+}
+
 #[test]
 fn every_thread_of_a_busy_vm_runs_under_a_filter() {
     if !have_tap() {
         return;
     }
     let dir = TempDir::new("seccomp");
-    let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .and_then(|f| f.set_len(8 << 20))
-        .unwrap();
+    let img = sparse_disk(&dir, 8 << 20);
     let ns = NetNs::new("seccomp");
     ns.add_tap("stap0");
     let args = probe_args(
@@ -110,10 +116,7 @@ fn a_forbidden_call_in_any_thread_kind_ends_the_vmm_naming_it() {
         return;
     }
     let dir = TempDir::new("seccomp-violate");
-    let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .and_then(|f| f.set_len(1 << 20))
-        .unwrap();
+    let img = sparse_disk(&dir, 1 << 20);
     let disk = format!("path={}", img.display());
     for (kind, thread) in [
         ("main", "main"),
@@ -184,10 +187,7 @@ fn filtered_threads_can_grow_and_free_their_heaps() {
         return;
     }
     let dir = TempDir::new("seccomp-churn");
-    let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .and_then(|f| f.set_len(1 << 20))
-        .unwrap();
+    let img = sparse_disk(&dir, 1 << 20);
     let mut vm = Launch::new(probe_args(
         "",
         &[

@@ -93,15 +93,23 @@ fn in_child(child: impl FnOnce() -> i32) -> (i32, String) {
     (libc::WEXITSTATUS(status), text)
 }
 
-#[test]
-fn a_forbidden_call_ends_the_process_naming_thread_and_call() {
+/// Runs `work` in a forked child as thread `name` under `filter` (trapping,
+/// with the SIGSYS handler); returns the child's exit code and stderr.
+fn under_filter(filter: Filter, name: &'static str, work: impl FnOnce() -> i32) -> (i32, String) {
     let filters = compile_all(&Context::default(), SeccompAction::Trap).unwrap();
-    let vcpu = filters[&Filter::Vcpu].clone();
-    let (code, text) = in_child(move || {
-        sigsys::set_thread_name("vcpu7");
-        if sigsys::install().is_err() || seccompiler::apply_filter(&vcpu).is_err() {
+    let bpf = filters[&filter].clone();
+    in_child(move || {
+        sigsys::set_thread_name(name);
+        if sigsys::install().is_err() || seccompiler::apply_filter(&bpf).is_err() {
             return 99;
         }
+        work()
+    })
+}
+
+#[test]
+fn a_forbidden_call_ends_the_process_naming_thread_and_call() {
+    let (code, text) = under_filter(Filter::Vcpu, "vcpu7", || {
         // Forbidden in every filter.
         // SAFETY: personality(0xffffffff) only queries.
         unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffffu64) };
@@ -121,13 +129,7 @@ fn a_forbidden_call_ends_the_process_naming_thread_and_call() {
 
 #[test]
 fn a_forbidden_open_names_its_path() {
-    let filters = compile_all(&Context::default(), SeccompAction::Trap).unwrap();
-    let block = filters[&Filter::BlockIo].clone();
-    let (code, text) = in_child(move || {
-        sigsys::set_thread_name("virtio-blk-io");
-        if sigsys::install().is_err() || seccompiler::apply_filter(&block).is_err() {
-            return 99;
-        }
+    let (code, text) = under_filter(Filter::BlockIo, "virtio-blk-io", || {
         // SAFETY: a NUL-ended path; the call is trapped before it runs.
         unsafe { libc::openat(libc::AT_FDCWD, c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
         98
@@ -139,14 +141,9 @@ fn a_forbidden_open_names_its_path() {
 
 #[test]
 fn allowed_calls_go_through_and_argument_rules_bite() {
-    let filters = compile_all(&Context::default(), SeccompAction::Trap).unwrap();
-    let block = filters[&Filter::BlockIo].clone();
     // Allowed: the block thread's own calls.
-    let (code, text) = in_child(move || {
-        if sigsys::install().is_err() || seccompiler::apply_filter(&block).is_err() {
-            return 99;
-        }
-        // SAFETY: getpid and a zero-length write have no preconditions.
+    let (code, text) = under_filter(Filter::BlockIo, "virtio-blk-io", || {
+        // SAFETY: getpid and a write of our own bytes have no preconditions.
         unsafe {
             libc::getpid();
             libc::write(2, b"ok".as_ptr().cast(), 2);
@@ -155,12 +152,7 @@ fn allowed_calls_go_through_and_argument_rules_bite() {
     });
     assert_eq!((code, text.as_str()), (7, "ok"));
     // An executable mapping is refused even where mmap is allowed.
-    let block = filters[&Filter::BlockIo].clone();
-    let (code, text) = in_child(move || {
-        sigsys::set_thread_name("virtio-blk-io");
-        if sigsys::install().is_err() || seccompiler::apply_filter(&block).is_err() {
-            return 99;
-        }
+    let (code, text) = under_filter(Filter::BlockIo, "virtio-blk-io", || {
         // SAFETY: an anonymous mapping we never use.
         unsafe {
             libc::mmap(
