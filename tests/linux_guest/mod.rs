@@ -183,7 +183,10 @@ impl LinuxGuest {
     pub fn sh(&mut self, line: &str) -> (i32, Vec<String>) {
         self.vm.send(line);
         let start = self.vm.seen.len();
-        let end = self.vm.expect_line_containing("KSMVM-T rc=", CMD_LIMIT);
+        let end = match self.vm.try_expect_line_containing("KSMVM-T rc=", CMD_LIMIT) {
+            Ok(end) => end,
+            Err(e) => self.stalled(line, &e),
+        };
         let rc = end
             .split_once("KSMVM-T rc=")
             .and_then(|(_, r)| r.trim().parse().ok())
@@ -195,6 +198,36 @@ impl LinuxGuest {
             .cloned()
             .collect();
         (rc, out)
+    }
+
+    /// Fails the test for a command the guest never answered, with what
+    /// the VMM says of its devices and serial port at that moment (a guest
+    /// that stalled on its disk shows requests `in_flight`, one that never
+    /// got the command shows nothing new read), then the usual context.
+    fn stalled(&mut self, line: &str, e: &ksmvm_testkit::vmm::WaitError) -> ! {
+        let sockets = self
+            .vm
+            .try_runtime_dir()
+            .and_then(|dir| std::fs::read_dir(dir).ok())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let state = match sockets.first() {
+            Some(sock) => match ksmvm_testkit::api::stats_json(&ksmvm::api::ApiClient::new(sock)) {
+                Ok(v) => format!("devices {} serial {}", v["devices"], v["serial"]),
+                Err(e) => format!("no /stats: {e}"),
+            },
+            None => "no API socket".to_owned(),
+        };
+        panic!(
+            "guest {}: no answer to `{line}` within {CMD_LIMIT:?} ({e}); the VMM says: {state};{}",
+            self.name,
+            self.vm.context()
+        )
     }
 
     /// Like [`sh`](Self::sh), asserting success.

@@ -190,6 +190,11 @@ impl Vmm {
             .expect("this VMM was started without a runtime directory of the kit's")
     }
 
+    /// The kit's runtime directory of this VMM, if it has one.
+    pub fn try_runtime_dir(&self) -> Option<&Path> {
+        self.runtime.as_deref()
+    }
+
     /// The default API socket of VM `name` in its runtime directory.
     pub fn socket(&self, name: &str) -> PathBuf {
         socket_path_in(self.runtime_dir(), name)
