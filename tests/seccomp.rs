@@ -127,7 +127,7 @@ fn a_forbidden_call_in_any_thread_kind_ends_the_vmm_naming_it() {
     ] {
         let t0 = Instant::now();
         let mut vm = Launch::new(probe_args("", &["--mem-mib", "64", "--disk", &disk]))
-            .env("KSMVM_DEBUG_SECCOMP_VIOLATE", kind)
+            .env(ksmvm::seccomp::VIOLATE_ENV, kind)
             .start();
         let status = vm.wait_exit(T);
         let stderr = vm.stderr_text();
@@ -151,7 +151,7 @@ fn off_and_log_warn_and_a_bad_mode_is_refused() {
     }
     for mode in ["off", "log"] {
         let mut vm = Launch::new(probe_args("", &["--mem-mib", "64", "--seccomp", mode]))
-            .env("KSMVM_DEBUG_SECCOMP_VIOLATE", "vcpu")
+            .env(ksmvm::seccomp::VIOLATE_ENV, "vcpu")
             .start();
         vm.expect_line("PROBE READY", T);
         let modes = seccomp_modes(vm.pid());
@@ -199,7 +199,7 @@ fn filtered_threads_can_grow_and_free_their_heaps() {
             &format!("path={}", img.display()),
         ],
     ))
-    .env("KSMVM_DEBUG_SECCOMP_CHURN", "1")
+    .env(ksmvm::seccomp::CHURN_ENV, "1")
     .start();
     vm.expect_line("PROBE READY", T);
     let w = vm.command("blk-write 0 0 64 3", "PROBE BLK-WRITE");

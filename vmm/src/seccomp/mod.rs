@@ -238,8 +238,3 @@ fn violate() {
     // nothing; no memory is passed.
     unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffffu64) };
 }
-
-/// Whether this process runs under filters (`/stats`, `list`).
-pub fn active() -> bool {
-    POLICY.get().is_some()
-}

@@ -110,23 +110,20 @@ fn common(a: &mut Allow) -> Result<(), BackendError> {
         Sysno::exit,
         Sysno::exit_group,
     ]);
-    let exec = u64::try_from(libc::PROT_EXEC).unwrap_or(4);
+    let exec = arg(libc::PROT_EXEC);
     a.when(Sysno::mmap, 2, Op::MaskedEq(exec), 0)?;
     a.when(Sysno::mprotect, 2, Op::MaskedEq(exec), 0)?;
     // Closing an fd in a debug build first asks whether it is open.
-    a.when(
-        Sysno::fcntl,
-        1,
-        Op::Eq,
-        u64::try_from(libc::F_GETFD).unwrap_or(1),
-    )?;
+    a.when(Sysno::fcntl, 1, Op::Eq, arg(libc::F_GETFD))?;
     // glibc's allocator and thread stacks give memory back this way.
-    a.when(Sysno::madvise, 2, Op::Eq, advice(libc::MADV_DONTNEED))?;
+    a.when(Sysno::madvise, 2, Op::Eq, arg(libc::MADV_DONTNEED))?;
     Ok(())
 }
 
-fn advice(a: libc::c_int) -> u64 {
-    u64::try_from(a).unwrap_or(u64::MAX)
+/// A C flag or constant as a filter compares it; none is negative, and
+/// u64::MAX, which no argument equals, would only make a rule stricter.
+fn arg(v: libc::c_int) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
 }
 
 /// Threads that wait on an epoll set of their own.
@@ -206,12 +203,7 @@ pub(super) fn allowed(filter: Filter, ctx: &Context) -> Result<Rules, BackendErr
                     Sysno::renameat2,
                     Sysno::ftruncate,
                 ]);
-                a.when(
-                    Sysno::openat,
-                    2,
-                    Op::Eq,
-                    u64::try_from(append).unwrap_or(u64::MAX),
-                )?;
+                a.when(Sysno::openat, 2, Op::Eq, arg(append))?;
             }
         }
         Filter::VirtioDevices => {
@@ -254,28 +246,19 @@ pub(super) fn allowed(filter: Filter, ctx: &Context) -> Result<Rules, BackendErr
                 Sysno::rseq,
                 Sysno::sched_getaffinity,
             ]);
-            let thread = u64::try_from(libc::CLONE_THREAD).unwrap_or(u64::MAX);
+            let thread = arg(libc::CLONE_THREAD);
             a.when(Sysno::clone, 0, Op::MaskedEq(thread), thread)?;
-            a.one_of(
-                Sysno::prctl,
-                0,
-                &[u64::try_from(libc::PR_SET_NAME).unwrap_or(u64::MAX)],
-            )?;
+            a.one_of(Sysno::prctl, 0, &[arg(libc::PR_SET_NAME)])?;
             // The host's KSM figures (/sys/kernel/mm/ksm, ksmd's
             // /proc/PID/stat) are read when asked for: opening for reading
             // only, nothing created, truncated or appended to.
             let write = libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND;
-            a.when(
-                Sysno::openat,
-                2,
-                Op::MaskedEq(u64::try_from(write).unwrap_or(u64::MAX)),
-                0,
-            )?;
+            a.when(Sysno::openat, 2, Op::MaskedEq(arg(write)), 0)?;
             // PUT /actions ksm_merge / ksm_unmerge.
             a.one_of(
                 Sysno::madvise,
                 2,
-                &[advice(libc::MADV_MERGEABLE), advice(libc::MADV_UNMERGEABLE)],
+                &[arg(libc::MADV_MERGEABLE), arg(libc::MADV_UNMERGEABLE)],
             )?;
         }
     }
